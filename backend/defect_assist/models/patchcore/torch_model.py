@@ -1,0 +1,167 @@
+"""PatchCore torch model (no Lightning): anomalib 2.7's PatchCore with a fast memory bank.
+
+Feature extraction, 3x3 local aggregation, multi-layer embedding, the paper's re-weighted image
+score and the Gaussian-smoothed anomaly map all come from anomalib's ``PatchcoreModel``. Two parts
+are replaced because anomalib's versions do not finish on a CPU in minutes:
+
+* **Memory bank selection** — anomalib's greedy k-center coreset costs ~0.5 s per selected patch on
+  two CPU cores (hours for 650 images). Here the bank is a *coverage coreset*: patches are visited in
+  a seeded random order and a patch joins the bank only when no bank patch lies within
+  ``radius`` of it, so after selection **every training patch is within ``radius`` of the bank**
+  (the same guarantee greedy k-center gives, for a radius chosen up front instead of a size).
+  The radius is ``coverage_quantile`` of the distances from sampled patches to their nearest
+  neighbour among other sampled patches (see :func:`estimate_radius`). The selection is
+  incremental by construction: new normal images are added by the same rule without refitting.
+* **Nearest-neighbour search** — exact L2 search with faiss (BLAS) instead of chunked torch matmuls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import faiss
+import numpy as np
+import torch
+from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+from torch.nn import functional as F  # noqa: N812
+
+from defect_assist import backbones
+
+ProgressCallback = Callable[[str, int, int], None]
+
+
+def _search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    distances, labels = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    return np.sqrt(np.maximum(distances, 0.0)), labels
+
+
+def estimate_radius(features: np.ndarray, quantile: float, sample: int = 20_000, seed: int = 0) -> float:
+    """Coverage radius: ``quantile`` of nearest-neighbour distances within a random patch sample."""
+    rng = np.random.default_rng(seed)
+    count = min(sample, len(features))
+    picked = features[rng.choice(len(features), size=count, replace=False)]
+    index = faiss.IndexFlatL2(picked.shape[1])
+    index.add(np.ascontiguousarray(picked, dtype=np.float32))
+    distances, _ = _search(index, picked, 2)
+    return float(np.quantile(distances[:, 1], quantile))
+
+
+def coverage_select(
+    features: np.ndarray,
+    radius: float,
+    bank: np.ndarray | None = None,
+    seed: int = 0,
+    chunk: int = 4096,
+    progress: ProgressCallback | None = None,
+) -> np.ndarray:
+    """Indices of ``features`` to add to ``bank`` so that every feature is within ``radius`` of it."""
+    dim = features.shape[1]
+    index = faiss.IndexFlatL2(dim)
+    if bank is not None and len(bank):
+        index.add(np.ascontiguousarray(bank, dtype=np.float32))
+    order = np.random.default_rng(seed).permutation(len(features))
+    selected: list[np.ndarray] = []
+    squared = radius * radius
+    for start in range(0, len(order), chunk):
+        ids = order[start : start + chunk]
+        block = np.ascontiguousarray(features[ids], dtype=np.float32)
+        if index.ntotal:
+            distances, _ = index.search(block, 1)
+            keep = distances[:, 0] > squared
+            ids, block = ids[keep], block[keep]
+        if len(ids):
+            leaders = _leaders(torch.from_numpy(block), squared)
+            selected.append(ids[leaders])
+            index.add(block[leaders])
+        if progress:
+            progress("coreset", min(start + chunk, len(order)), len(order))
+    return np.concatenate(selected) if selected else np.zeros(0, dtype=np.int64)
+
+
+def _leaders(block: torch.Tensor, squared_radius: float) -> np.ndarray:
+    """Greedy leader clustering inside a block: visit in order, keep a point unless a kept one covers it."""
+    uncovered = torch.ones(len(block), dtype=torch.bool)
+    norms = (block * block).sum(1)
+    kept = []
+    position = 0
+    while True:
+        remaining = torch.nonzero(uncovered[position:], as_tuple=False)
+        if len(remaining) == 0:
+            break
+        position = position + int(remaining[0])
+        kept.append(position)
+        distances = norms - 2 * (block @ block[position]) + norms[position]
+        uncovered &= distances > squared_radius
+    return np.asarray(kept, dtype=np.int64)
+
+
+class FastPatchcoreModel(PatchcoreModel):
+    """anomalib's PatchcoreModel with offline backbone weights, coverage coreset and faiss search."""
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        layers: Sequence[str] = ("blocks.2", "blocks.4"),
+        pretrained: bool = True,
+        num_neighbors: int = 9,
+        anomaly_map_sigma: float = 4.0,
+    ) -> None:
+        spec = backbones.get_spec(backbone)
+        super().__init__(layers=list(layers), backbone=spec.timm_name, pre_trained=False, num_neighbors=num_neighbors)
+        if pretrained:
+            backbones.load_into(self.feature_extractor.feature_extractor, backbone)
+        if anomaly_map_sigma != 4.0:
+            from anomalib.models.image.patchcore.anomaly_map import AnomalyMapGenerator
+
+            self.anomaly_map_generator = AnomalyMapGenerator(sigma=int(anomaly_map_sigma))
+        self._index: faiss.Index | None = None
+        self.radius: float = 0.0
+
+    # --------------------------------------------------------------- features
+    @torch.no_grad()
+    def patch_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """Locally aware patch features ``(B, D, h, w)`` (anomalib's pooling + layer concatenation)."""
+        features = self.feature_extractor(images)
+        features = {layer: self.feature_pooler(feature) for layer, feature in features.items()}
+        return self.generate_embedding(features)
+
+    # --------------------------------------------------------------- memory bank
+    def set_memory_bank(self, bank: torch.Tensor) -> None:
+        self.memory_bank = bank.contiguous()
+        self._index = None
+
+    def _faiss_index(self) -> faiss.Index:
+        if self._index is None or self._index.ntotal != self.memory_bank.shape[0]:
+            index = faiss.IndexFlatL2(self.memory_bank.shape[1])
+            index.add(np.ascontiguousarray(self.memory_bank.float().cpu().numpy()))
+            self._index = index
+        return self._index
+
+    def nearest_neighbors(self, embedding: torch.Tensor, n_neighbors: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact nearest neighbours in the memory bank via faiss (distances, indices)."""
+        distances, labels = _search(self._faiss_index(), embedding.float().cpu().numpy(), n_neighbors)
+        device = embedding.device
+        return torch.from_numpy(distances).to(device), torch.from_numpy(labels).to(device)
+
+    # --------------------------------------------------------------- inference
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Image scores ``(B,)``, anomaly maps ``(B, H, W)`` and patch scores ``(B, h, w)``.
+
+        ``valid`` (``B x H x W`` bool, optional) marks real image pixels (letterbox padding is
+        ``False``); patches outside it are ignored for the image score.
+        """
+        embedding = self.patch_embedding(images)
+        batch, _, height, width = embedding.shape
+        flat = self.reshape_embedding(embedding)
+        patch_scores, locations = self.nearest_neighbors(flat, n_neighbors=1)
+        patch_scores = patch_scores.reshape(batch, -1)
+        locations = locations.reshape(batch, -1)
+        scoring = patch_scores
+        if valid is not None:
+            patch_valid = F.adaptive_max_pool2d(valid[:, None].float(), (height, width)).reshape(batch, -1) > 0
+            scoring = torch.where(patch_valid, patch_scores, torch.zeros_like(patch_scores))
+        image_scores = self.compute_anomaly_score(scoring, locations, flat)
+        grid = patch_scores.reshape(batch, 1, height, width)
+        anomaly_map = self.anomaly_map_generator(grid, images.shape[-2:])
+        return image_scores, anomaly_map[:, 0], grid[:, 0]
