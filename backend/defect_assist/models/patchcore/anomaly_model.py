@@ -41,7 +41,7 @@ class PatchcoreAnomalyModel(AnomalyModel):
         self.model = FastPatchcoreModel(
             backbone=self.config["backbone"],
             layers=self.config["layers"],
-            pretrained=self.config["pretrained"] and not config.get("_skip_weights", False),
+            pretrained=self.config["pretrained"],
             num_neighbors=self.config["num_neighbors"],
             anomaly_map_sigma=self.config["anomaly_map_sigma"],
         ).to(self.device).eval()

@@ -1,0 +1,115 @@
+"""PatchCore through the model interface: fit, predict, persistence, incremental update."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from defect_assist.models import create_model, load_model
+from defect_assist.models.patchcore.torch_model import coverage_select, estimate_radius
+
+
+def test_predictions_have_original_size_and_consistent_verdicts(small_patchcore, test_images) -> None:
+    images = test_images["normal"][:2] + test_images["anomalous"][:2]
+    predictions = small_patchcore.predict(images)
+    assert len(predictions) == 4
+    for path, prediction in zip(images, predictions, strict=True):
+        with Image.open(path) as original:
+            assert prediction.anomaly_map.shape == (original.height, original.width)
+        assert prediction.mask.shape == prediction.anomaly_map.shape
+        assert prediction.mask.dtype == bool
+        assert 0.0 <= prediction.score <= 1.0
+        assert prediction.is_anomalous == (prediction.score >= 0.5)
+        assert np.array_equal(prediction.mask, prediction.anomaly_map > 0.5)
+
+
+def test_defects_score_higher_than_normals(small_patchcore, test_images) -> None:
+    normal = [p.raw_score for p in small_patchcore.predict(test_images["normal"])]
+    anomalous = [p.raw_score for p in small_patchcore.predict(test_images["anomalous"])]
+    pairs = [a > n for a in anomalous for n in normal]
+    assert np.mean(pairs) > 0.8, (normal, anomalous)  # pairwise AUROC on this small subset
+
+
+def test_bad_image_in_batch_gets_error_and_others_get_results(small_patchcore, test_images, tmp_path) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    images = [test_images["normal"][0], broken, test_images["anomalous"][0]]
+    predictions = small_patchcore.predict(images, batch_size=3)
+    assert [p.ok for p in predictions] == [True, False, True]
+    assert "broken.png" in predictions[1].error
+    assert predictions[1].anomaly_map is None
+    assert predictions[0].source == str(images[0])
+
+
+def test_array_and_bytes_inputs_match_path_input(small_patchcore, test_images) -> None:
+    path = test_images["anomalous"][0]
+    from_path = small_patchcore.predict_one(path)
+    from_bytes = small_patchcore.predict_one(path.read_bytes())
+    rgba = np.dstack([np.asarray(Image.open(path).convert("RGB")), np.full(from_path.mask.shape, 255, np.uint8)])
+    from_array = small_patchcore.predict_one(rgba)
+    assert from_bytes.raw_score == pytest.approx(from_path.raw_score, rel=1e-5)
+    assert from_array.raw_score == pytest.approx(from_path.raw_score, rel=1e-5)
+
+
+def test_save_load_round_trip(small_patchcore, test_images, tmp_path: Path) -> None:
+    small_patchcore.save(tmp_path / "model")
+    reloaded = load_model(tmp_path / "model", device="cpu")
+    image = test_images["anomalous"][1]
+    a, b = small_patchcore.predict_one(image), reloaded.predict_one(image)
+    assert b.raw_score == pytest.approx(a.raw_score, rel=1e-6)
+    assert np.allclose(a.anomaly_map, b.anomaly_map, atol=1e-6)
+    assert reloaded.metadata.kind == "patchcore"
+    assert reloaded.calibration == small_patchcore.calibration
+
+
+def test_calibration_flags_few_heldout_normals(small_patchcore, test_images) -> None:
+    # threshold = 99th percentile of held-out normal scores: most unseen normals stay below it
+    flagged = [p.is_anomalous for p in small_patchcore.predict(test_images["normal"])]
+    assert np.mean(flagged) <= 0.5
+    assert small_patchcore.metadata.extra["n_holdout"] == 5
+
+
+def test_incremental_update_adds_patches_and_keeps_threshold(train_normals, magnetic_tile) -> None:
+    model = create_model("patchcore", device="cpu", image_size=96)
+    model.fit(train_normals[:12])
+    bank_before = model.model.memory_bank.shape[0]
+    threshold = model.calibration.image_threshold
+    new = sorted((magnetic_tile / "train" / "good").glob("*.jpg"))[1::40][:6]
+    details = model.update(new)
+    assert details["added_patches"] > 0
+    assert model.model.memory_bank.shape[0] == bank_before + details["added_patches"]
+    assert model.calibration.image_threshold == threshold
+    assert model.metadata.update == "incremental"
+    assert model.metadata.n_train_images == 18
+    # the new images are now covered: their patches lie within the coverage radius of the bank
+    scores = [p.raw_score for p in model.predict(new)]
+    assert max(scores) <= model.model.radius * 1.01
+
+
+def test_coverage_select_guarantees_radius() -> None:
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(3000, 16)).astype(np.float32)
+    radius = estimate_radius(features, 0.5)
+    selected = coverage_select(features, radius, chunk=500)
+    assert 0 < len(selected) < len(features)
+    bank = torch.from_numpy(features[selected])
+    nearest = torch.cdist(torch.from_numpy(features), bank).min(dim=1).values
+    assert float(nearest.max()) <= radius + 1e-4
+
+
+def test_training_skips_unreadable_images(train_normals, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"nope")
+    model = create_model("patchcore", device="cpu", image_size=64)
+    report = model.fit([*train_normals[:6], broken])
+    assert report.n_train == 6
+    assert model.metadata.n_train_images == 6
+
+
+def test_unknown_option_is_rejected() -> None:
+    with pytest.raises(TypeError, match="unknown options"):
+        create_model("patchcore", device="cpu", imagesize=64)
