@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 # Fixture modules of the different areas (Label Studio server, Redis, FiftyOne …).
-pytest_plugins: list[str] = []
+pytest_plugins: list[str] = ["label_studio_server"]
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("DATASETS_DIR", ROOT.parent / "shared" / "datasets"))

@@ -113,3 +113,22 @@ def test_training_skips_unreadable_images(train_normals, tmp_path: Path) -> None
 def test_unknown_option_is_rejected() -> None:
     with pytest.raises(TypeError, match="unknown options"):
         create_model("patchcore", device="cpu", imagesize=64)
+
+
+def test_lightning_wrapper_runs_anomalib_steps() -> None:
+    """The anomalib Lightning module builds its bank with the coverage coreset and scores batches."""
+    from anomalib.data import ImageBatch
+
+    from defect_assist.models.patchcore.lightning_model import FastPatchcore
+
+    torch.manual_seed(0)
+    module = FastPatchcore(image_size=64)
+    module.model.train()
+    module.training_step(ImageBatch(image=torch.rand(4, 3, 64, 64)))
+    module.fit()
+    assert module.model.memory_bank.shape[1] == 40 + 112  # blocks.2 + blocks.4 channels of Lite0
+    assert 0 < module.model.memory_bank.shape[0] <= 4 * 8 * 8
+    module.model.eval()
+    output = module.validation_step(ImageBatch(image=torch.rand(2, 3, 64, 64)))
+    assert output.pred_score.shape == (2,)
+    assert output.anomaly_map.shape[-2:] == (64, 64)

@@ -140,7 +140,7 @@ def predict(
         else:
             failed += 1
         if as_json:
-            out.print_json(json.dumps(result.summary()))
+            typer.echo(json.dumps(result.summary()))
         elif result.ok:
             table.add_row(str(path), f"{result.score:.3f}", result.label, str(int(result.mask.sum())))
         else:
@@ -180,12 +180,19 @@ def evaluate(
 def versions(
     project: Annotated[str, typer.Option("--project", help="Project id.")],
     model_dir: Annotated[Path | None, typer.Option(help="Model store root (default MODEL_DIR).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List a project's model versions."""
     from defect_assist.store import ModelStore
 
+    found = ModelStore(model_dir or _settings().model_dir).versions(project)
+    if as_json:
+        out.print_json(json.dumps([
+            {"version": v.version, "current": v.is_current, "path": str(v.path), **v.metadata} for v in found
+        ], default=str))
+        return
     table = Table("version", "current", "kind", "backbone", "images", "update", "created")
-    for info in ModelStore(model_dir or _settings().model_dir).versions(project):
+    for info in found:
         meta = info.metadata
         table.add_row(
             info.version, "*" if info.is_current else "", info.kind, meta.get("backbone", ""),

@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     label_studio_api_key: str = Field("", description="Label Studio user token (Account & Settings).")
     basic_auth_user: str = Field("", description="Require HTTP basic auth on the backend when set.")
     basic_auth_pass: str = Field("", description="Password for BASIC_AUTH_USER.")
+    local_files_document_root: str = Field("", description="LS LOCAL_FILES_DOCUMENT_ROOT, read directly.")
 
     # Queue
     redis_url: str = Field("", description="External Redis; empty = start the project's own redis-server.")

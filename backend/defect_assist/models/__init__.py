@@ -12,6 +12,7 @@ from defect_assist.models.base import METADATA_FILE, AnomalyModel, Calibration, 
 # kind -> "module:Class"; modules are imported lazily so a kind's heavy deps load only when used.
 MODEL_REGISTRY: dict[str, str] = {
     "patchcore": "defect_assist.models.patchcore:PatchcoreAnomalyModel",
+    "efficientad": "defect_assist.models.efficientad:EfficientAdAnomalyModel",
 }
 
 

@@ -48,7 +48,7 @@ from anomalib.models.image.efficient_ad.torch_model import (
 )
 from PIL import Image
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 from torchvision.transforms import v2
 
 from defect_assist import backbones
@@ -70,7 +70,13 @@ TeacherProgress = Callable[[str, int, int, dict[str, float]], None]  # (stage, d
 def anomalib_teacher_path(size: str) -> Path:
     """Where anomalib 2.7 reads its teacher: ``<XDG_CACHE_HOME or ~/.cache>/anomalib/pre_trained/...``."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "anomalib" / "pre_trained" / "efficientad_pretrained_weights" / f"pretrained_teacher_{size}.pth"
+    return (
+        cache
+        / "anomalib"
+        / "pre_trained"
+        / "efficientad_pretrained_weights"
+        / f"pretrained_teacher_{size}.pth"
+    )
 
 
 def official_teacher(size: str) -> Path | None:
@@ -110,10 +116,10 @@ class DistillConfig:
     size: str = "small"
     backbone: str = "tf_efficientnet_lite0"
     data: str = ""  # folder of natural images (searched recursively)
-    steps: int = 1500
-    batch_size: int = 8
-    crop_size: int = 128  # PDN input; the backbone sees 2x this
-    lr: float = 5e-4
+    steps: int = 400  # CPU default (~12 min on 2 busy cores); use 10k+ on a GPU
+    batch_size: int = 4
+    crop_size: int = 64  # PDN input; the backbone sees 2x this
+    lr: float = 1e-3
     weight_decay: float = 1e-5
     seed: int = 0
     holdout_fraction: float = 0.1
@@ -145,6 +151,7 @@ def list_natural_images(folder: str | Path) -> list[Path]:
 
 def split_holdout(files: list[Path], fraction: float) -> tuple[list[Path], list[Path]]:
     """Deterministic split by file-name hash (stable when files are added)."""
+
     def bucket(path: Path) -> float:
         return int(hashlib.sha256(path.name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
 
@@ -161,12 +168,14 @@ class NaturalImages(torch.utils.data.Dataset):
     def __init__(self, files: list[Path], crop_size: int, train: bool) -> None:
         self.files = files
         if train:
-            self.transform = v2.Compose([
-                v2.RandomResizedCrop(crop_size, scale=(0.15, 1.0), antialias=True),
-                v2.RandomHorizontalFlip(),
-                v2.RandomApply([v2.ColorJitter(0.3, 0.3, 0.3, 0.05)], p=0.8),
-                v2.RandomGrayscale(p=0.2),
-            ])
+            self.transform = v2.Compose(
+                [
+                    v2.RandomResizedCrop(crop_size, scale=(0.15, 1.0), antialias=True),
+                    v2.RandomHorizontalFlip(),
+                    v2.RandomApply([v2.ColorJitter(0.3, 0.3, 0.3, 0.05)], p=0.8),
+                    v2.RandomGrayscale(p=0.2),
+                ]
+            )
         else:
             self.transform = v2.Compose([v2.Resize(crop_size, antialias=True), v2.CenterCrop(crop_size)])
 
@@ -176,7 +185,7 @@ class NaturalImages(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         with Image.open(self.files[index]) as image:
             array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-        tensor = torch.from_numpy(array).permute(2, 0, 1)
+        tensor = torch.from_numpy(array.copy()).permute(2, 0, 1)
         return self.transform(tensor).float() / 255.0
 
 
@@ -189,7 +198,9 @@ class BackboneTargets(nn.Module):
         import timm
 
         spec = backbones.get_spec(backbone)
-        self.extractor = timm.create_model(spec.timm_name, features_only=True, out_indices=(2, 3), pretrained=False)
+        self.extractor = timm.create_model(
+            spec.timm_name, features_only=True, out_indices=(2, 3), pretrained=False
+        )
         if pretrained:
             backbones.load_into(self.extractor, spec.timm_name)
         self.extractor.eval().requires_grad_(False)
@@ -205,7 +216,9 @@ class BackboneTargets(nn.Module):
         x = F.interpolate(images, scale_factor=2.0, mode="bilinear", align_corners=False)
         fine, coarse = self.extractor((x - self.in_mean) / self.in_std)
         fine = F.avg_pool2d(fine, 3, 1, 1)
-        coarse = F.interpolate(F.avg_pool2d(coarse, 3, 1, 1), size=fine.shape[-2:], mode="bilinear", align_corners=False)
+        coarse = F.interpolate(
+            F.avg_pool2d(coarse, 3, 1, 1), size=fine.shape[-2:], mode="bilinear", align_corners=False
+        )
         return torch.cat([fine, coarse], dim=1)
 
     @torch.no_grad()
@@ -231,7 +244,9 @@ class DistillationNet(nn.Module):
         return self.adapter(self.pdn(images))
 
 
-def regression_error(net: DistillationNet, targets: BackboneTargets, loader: torch.utils.data.DataLoader) -> float:
+def regression_error(
+    net: DistillationNet, targets: BackboneTargets, loader: torch.utils.data.DataLoader
+) -> float:
     """Mean squared error on standardised targets (1.0 ≈ always predicting the channel mean)."""
     was_training = net.training
     net.eval()
@@ -246,13 +261,17 @@ def regression_error(net: DistillationNet, targets: BackboneTargets, loader: tor
 
 
 def linear_probe_error(
-    pdn: nn.Module, targets: BackboneTargets, train: torch.utils.data.DataLoader, held: torch.utils.data.DataLoader,
+    pdn: nn.Module,
+    targets: BackboneTargets,
+    train: torch.utils.data.DataLoader,
+    held: torch.utils.data.DataLoader,
     ridge: float = 1e-3,
 ) -> float:
     """Held-out error of the best linear map (ridge least squares) from the PDN's 384 outputs to the targets.
 
     Comparable between a distilled and a randomly initialised PDN (the latter has no trained adapter).
     """
+
     def features(loader: torch.utils.data.DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []
         with torch.no_grad():
@@ -272,14 +291,35 @@ def linear_probe_error(
 
 
 # --------------------------------------------------------------------------- distillation
-def _save_checkpoint(path: Path, step: int, net: nn.Module, optimizer: torch.optim.Optimizer,
-                     scheduler: Any, targets: BackboneTargets, fingerprint: str, history: list[dict[str, float]]) -> None:
+def _save_checkpoint(
+    path: Path,
+    step: int,
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    targets: BackboneTargets,
+    fingerprint: str,
+    history: list[dict[str, float]],
+) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({
-        "step": step, "fingerprint": fingerprint, "net": net.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "target_mean": targets.mean, "target_std": targets.std,
-        "history": history, "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
-    }, tmp)
+    torch.save(
+        {
+            "step": step,
+            "fingerprint": fingerprint,
+            "net": net.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "target_mean": targets.mean,
+            "target_std": targets.std,
+            "history": history,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+            },
+        },
+        tmp,
+    )
     tmp.replace(path)
 
 
@@ -307,13 +347,22 @@ def distill_teacher(
     net = DistillationNet(config.size, targets.channels)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / max(config.steps, 1)))
+        optimizer,
+        lambda s: 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / max(config.steps, 1))),
     )
     generator = torch.Generator().manual_seed(config.seed)
     train_set = NaturalImages(train_files, config.crop_size, train=True)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                                         generator=generator, num_workers=0)
-    eval_loader = torch.utils.data.DataLoader(NaturalImages(held_files, config.crop_size, train=False), batch_size=16)
+    loader = torch.utils.data.DataLoader(
+        train_set,
+        batch_size=config.batch_size,
+        shuffle=True,
+        drop_last=True,
+        generator=generator,
+        num_workers=0,
+    )
+    eval_loader = torch.utils.data.DataLoader(
+        NaturalImages(held_files, config.crop_size, train=False), batch_size=16
+    )
 
     step, history = 0, []
     checkpoint_path = out / CHECKPOINT_FILE
@@ -353,16 +402,26 @@ def distill_teacher(
             optimizer.step()
             scheduler.step()
             step += 1
-            running = float(loss) if running is None else 0.95 * running + 0.05 * float(loss)
+            value = float(loss.detach())
+            running = value if running is None else 0.95 * running + 0.05 * value
             bar.update(1)
             bar.set_postfix(loss=f"{running:.4f}")
             if progress:
                 progress("distill", step, config.steps, {"loss": running})
             if step % config.checkpoint_every == 0 or step == config.steps:
                 if step % (config.checkpoint_every * 5) == 0 or step == config.steps:
-                    history.append({"step": step, "train_loss": running,
-                                    "heldout_error": regression_error(net, targets, eval_loader) if held_files else math.nan})
-                _save_checkpoint(checkpoint_path, step, net, optimizer, scheduler, targets, fingerprint, history)
+                    history.append(
+                        {
+                            "step": step,
+                            "train_loss": running,
+                            "heldout_error": regression_error(net, targets, eval_loader)
+                            if held_files
+                            else math.nan,
+                        }
+                    )
+                _save_checkpoint(
+                    checkpoint_path, step, net, optimizer, scheduler, targets, fingerprint, history
+                )
     bar.close()
 
     final_error = regression_error(net, targets, eval_loader) if held_files else math.nan
@@ -374,8 +433,8 @@ def distill_teacher(
         "fingerprint": fingerprint,
         "backbone": backbones.get_spec(config.backbone).timm_name,
         "backbone_weights": backbones.get_spec(config.backbone).weights_package,
-        "targets": f"{targets.channels} channels: stride-8 + stride-16 features of the backbone on the 2x-upsampled crop, "
-                   "3x3 averaged, standardised; 1x1 adapter 384 -> targets",
+        "targets": f"{targets.channels} channels: stride-8 + stride-16 features, 2x-upsampled crop, "
+        "3x3 averaged, standardised; 1x1 adapter 384 -> targets",
         "n_train_images": len(train_files),
         "n_heldout_images": len(held_files),
         "heldout_regression_error": final_error,
@@ -439,7 +498,9 @@ def resolve_teacher(
     from defect_assist.settings import get_settings
 
     settings = get_settings()
-    config = DistillConfig(size=size, data=str(data or settings.datasets_dir / "imagenet_sample"), **(distill_overrides or {}))
+    config = DistillConfig(
+        size=size, data=str(data or settings.datasets_dir / "imagenet_sample"), **(distill_overrides or {})
+    )
     folder = teacher_root(model_dir or settings.model_dir) / default_teacher_name(size, config.backbone)
     provenance_file = folder / PROVENANCE_FILE
     if (folder / TEACHER_FILE).is_file() and provenance_file.is_file():

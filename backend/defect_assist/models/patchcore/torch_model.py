@@ -105,6 +105,7 @@ class FastPatchcoreModel(PatchcoreModel):
         pretrained: bool = True,
         num_neighbors: int = 9,
         anomaly_map_sigma: float = 4.0,
+        coverage_quantile: float = 0.5,
     ) -> None:
         spec = backbones.get_spec(backbone)
         super().__init__(layers=list(layers), backbone=spec.timm_name, pre_trained=False, num_neighbors=num_neighbors)
@@ -116,6 +117,7 @@ class FastPatchcoreModel(PatchcoreModel):
             self.anomaly_map_generator = AnomalyMapGenerator(sigma=int(anomaly_map_sigma))
         self._index: faiss.Index | None = None
         self.radius: float = 0.0
+        self.coverage_quantile = coverage_quantile
 
     # --------------------------------------------------------------- features
     @torch.no_grad()
@@ -142,6 +144,22 @@ class FastPatchcoreModel(PatchcoreModel):
         distances, labels = _search(self._faiss_index(), embedding.float().cpu().numpy(), n_neighbors)
         device = embedding.device
         return torch.from_numpy(distances).to(device), torch.from_numpy(labels).to(device)
+
+    def subsample_embedding(self, sampling_ratio: float | None = None, embeddings: torch.Tensor | None = None) -> None:
+        """Build the memory bank from ``embedding_store`` with the coverage coreset.
+
+        Replaces anomalib's k-center greedy (used by the Lightning ``fit`` hook); ``sampling_ratio`` is
+        ignored: the bank size follows from the coverage radius.
+        """
+        del sampling_ratio, embeddings
+        if not self.embedding_store:
+            raise ValueError("Embedding store is empty. Cannot perform coreset selection.")
+        features = torch.vstack(self.embedding_store).float().cpu().numpy()
+        self.embedding_store.clear()
+        self.radius = estimate_radius(features, self.coverage_quantile)
+        selected = coverage_select(features, self.radius)
+        device = self.memory_bank.device
+        self.set_memory_bank(torch.from_numpy(features[selected]).to(device))
 
     # --------------------------------------------------------------- inference
     @torch.no_grad()

@@ -1,0 +1,1 @@
+"""Exploration: FiftyOne datasets of predictions, heatmaps and embeddings (``explore`` extra)."""

@@ -1,0 +1,175 @@
+"""CLI commands: ``defect-assist index``, ``defect-assist similar`` and ``defect-assist fiftyone``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True)
+out = Console()
+
+ProjectOpt = Annotated[str, typer.Option("--project", help="Project id in the model store.")]
+ModelDirOpt = Annotated[Path | None, typer.Option(help="Model store root (default MODEL_DIR).")]
+QdrantPathOpt = Annotated[Path | None, typer.Option(help="Embedded Qdrant storage (default QDRANT_PATH).")]
+QdrantUrlOpt = Annotated[str | None, typer.Option(help="Qdrant server URL (default QDRANT_URL).")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda …")]
+
+
+def index(
+    data: Annotated[
+        Path, typer.Option("--data", help="Image folder (MVTec layout understood).", exists=True)
+    ],
+    project: ProjectOpt = "default",
+    reembed_stale: Annotated[
+        bool, typer.Option(help="Re-embed images embedded by another model version.")
+    ] = True,
+    model_dir: ModelDirOpt = None,
+    qdrant_path: QdrantPathOpt = None,
+    qdrant_url: QdrantUrlOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Build or update the similarity index of a folder with the project's current model."""
+    from defect_assist.cli import RichProgress
+    from defect_assist.similarity.index import update_index
+    from defect_assist.similarity.mvtec import walk_folder
+    from defect_assist.similarity.service import open_context
+
+    records = walk_folder(data)
+    if not records:
+        raise typer.BadParameter(f"no images in {data}")
+    context = open_context(project, model_dir, qdrant_path, qdrant_url, device=device)
+    try:
+        stale = context.index.mark_stale(context.model_version)
+        if stale:
+            console.print(f"{stale} indexed image(s) were embedded by another model version")
+        with RichProgress() as progress:
+            report = update_index(
+                context.index,
+                context.embedder,
+                records,
+                context.model_version,
+                reembed_stale=reembed_stale,
+                progress=progress,
+            )
+    finally:
+        context.close()
+    for path, error in report.failed.items():
+        console.print(f"[yellow]skipped {path}: {error}[/yellow]")
+    out.print_json(
+        json.dumps({"project": project, "model_version": context.model_version, **report.summary()})
+    )
+
+
+def similar(
+    image: Annotated[Path, typer.Argument(help="Query image.", exists=True, dir_okay=False)],
+    k: Annotated[int, typer.Option("--k", help="Number of neighbours.", min=1)] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    project: ProjectOpt = "default",
+    model_dir: ModelDirOpt = None,
+    qdrant_path: QdrantPathOpt = None,
+    qdrant_url: QdrantUrlOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Nearest neighbours of an image in the project's index, with similarity, labels and scores."""
+    from defect_assist.similarity.index import query_similar
+    from defect_assist.similarity.service import open_context
+
+    context = open_context(project, model_dir, qdrant_path, qdrant_url, device=device)
+    try:
+        if not context.index.count():
+            raise typer.BadParameter(
+                f"the index of project {project!r} is empty; run `defect-assist index` first"
+            )
+        query, neighbours = query_similar(context.index, context.embedder, image, k=k)
+    finally:
+        context.close()
+    if as_json:
+        out.print_json(
+            json.dumps(
+                {
+                    "query": query,
+                    "model_version": context.model_version,
+                    "neighbours": [n.summary() for n in neighbours],
+                }
+            )
+        )
+        return
+    console.print(
+        f"query {image}: score {query['score']:.3f} ({'anomalous' if query['is_anomalous'] else 'normal'})"
+    )
+    table = Table("#", "similarity", "label", "defect type", "score", "split", "path")
+    for rank, n in enumerate(neighbours, 1):
+        p = n.payload
+        score = "-" if p.get("score") is None else f"{p['score']:.3f}"
+        stale = " (stale)" if p.get("stale") else ""
+        table.add_row(
+            str(rank),
+            f"{n.similarity:.4f}",
+            str(p.get("label")),
+            str(p.get("defect_type")),
+            score,
+            str(p.get("split")),
+            str(p.get("path")) + stale,
+        )
+    out.print(table)
+
+
+def fiftyone(
+    data: Annotated[
+        Path, typer.Option("--data", help="Image folder (MVTec layout understood).", exists=True)
+    ],
+    project: ProjectOpt = "default",
+    name: Annotated[str | None, typer.Option(help="Dataset name (default defect-assist-<project>).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N images (quick looks).")] = None,
+    launch: Annotated[bool, typer.Option(help="Launch the FiftyOne App afterwards and wait.")] = False,
+    port: Annotated[int, typer.Option(help="App port.")] = 5151,
+    address: Annotated[str, typer.Option(help="App address.")] = "127.0.0.1",
+    model_dir: ModelDirOpt = None,
+    qdrant_path: QdrantPathOpt = None,
+    qdrant_url: QdrantUrlOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Build a persistent FiftyOne dataset: masks, heatmaps, verdicts, embeddings, 2-D plot, similarity."""
+    from defect_assist.cli import RichProgress
+    from defect_assist.explore.fiftyone_dataset import build_dataset
+    from defect_assist.settings import get_settings
+    from defect_assist.store import ModelStore
+
+    settings = get_settings()
+    store = ModelStore(model_dir or settings.model_dir)
+    version = store.current_version(project)
+    if version is None:
+        raise typer.BadParameter(f"project {project!r} has no published model; train one first")
+    model = store.load(project, version, device=device)
+    with RichProgress() as progress:
+        dataset = build_dataset(
+            data,
+            model,
+            name=name or f"defect-assist-{project}",
+            model_version=version,
+            project=project,
+            qdrant_path=(qdrant_path or settings.qdrant_path) / "fiftyone",
+            qdrant_url=qdrant_url or settings.qdrant_url or None,
+            limit=limit,
+            persistent=True,
+            progress=progress,
+        )
+    out.print(f"dataset {dataset.name}: {len(dataset)} samples")
+    if launch:
+        import fiftyone as fo
+
+        session = fo.launch_app(dataset, address=address, port=port, remote=True)
+        console.print(f"FiftyOne App at http://{address}:{port} (Ctrl-C to stop)")
+        session.wait(-1)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the similarity and exploration commands to the CLI."""
+    app.command("index")(index)
+    app.command("similar")(similar)
+    app.command("fiftyone")(fiftyone)

@@ -1,0 +1,234 @@
+"""FiftyOne plugin: Defect Assist operators (discoverable via ``FIFTYONE_PLUGINS_DIR=<repo>/plugins``).
+
+* ``find_similar`` — nearest neighbours of the selected sample in the project's Qdrant index
+  (falls back to the dataset's ``similarity`` brain index when the project index is empty);
+  shows them as the App's view, in similarity order.
+* ``compute_predictions`` (delegated) — re-runs the project's current model on the view:
+  heatmaps, masks, verdicts, embeddings, the 2-D plot and the similarity index, and refreshes the
+  project's Qdrant index (new model version → stale points re-embedded).
+* ``send_to_label_studio`` — creates Label Studio tasks for the selected samples with our
+  predictions attached (verdict choice + brush mask), through ``defect_assist.label_studio`` when
+  installed, else a minimal REST call.
+* ``trigger_retrain`` (delegated) — enqueues a retrain on the worker's queue
+  (``defect_assist_worker``); without the worker package it trains in the delegated operation.
+
+The project id comes from the ``project`` parameter or the dataset's ``info["defect_assist"]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+
+def _info(ctx: Any) -> dict[str, Any]:
+    return dict((ctx.dataset.info or {}).get("defect_assist", {}))
+
+
+def _project(ctx: Any) -> str:
+    return str(ctx.params.get("project") or _info(ctx).get("project") or "default")
+
+
+def _target_ids(ctx: Any) -> list[str]:
+    ids = list(ctx.selected or [])
+    if not ids and ctx.params.get("sample_ids"):
+        ids = list(ctx.params["sample_ids"])
+    if not ids and ctx.current_sample:
+        ids = [ctx.current_sample]
+    return ids
+
+
+def _project_input(inputs: types.Object, ctx: Any) -> None:
+    inputs.str("project", label="Project", default=_project(ctx), required=False)
+
+
+class FindSimilar(foo.Operator):
+    @property
+    def config(self) -> foo.OperatorConfig:
+        return foo.OperatorConfig(
+            name="find_similar", label="Defect Assist: find similar images (Qdrant)", dynamic=True
+        )
+
+    def resolve_input(self, ctx: Any) -> types.Property:
+        inputs = types.Object()
+        if not _target_ids(ctx):
+            inputs.view("warning", types.Warning(label="Select a sample first"))
+        inputs.int("k", label="Neighbours", default=10)
+        _project_input(inputs, ctx)
+        return types.Property(inputs, view=types.View(label="Find similar"))
+
+    def execute(self, ctx: Any) -> dict[str, Any]:
+        from defect_assist.similarity.index import query_similar
+        from defect_assist.similarity.service import open_context
+
+        ids = _target_ids(ctx)
+        if not ids:
+            raise ValueError("select a sample first")
+        sample = ctx.dataset[ids[0]]
+        k = int(ctx.params.get("k", 10))
+        context = open_context(_project(ctx), device="cpu")
+        try:
+            if context.index.count():
+                query, neighbours = query_similar(context.index, context.embedder, sample.filepath, k=k)
+                hits = [n.summary() for n in neighbours]
+                source = "qdrant:" + context.index.collection
+            else:
+                query, hits, source = {"path": sample.filepath}, [], ""
+        finally:
+            context.close()
+        if hits:
+            paths = [h["path"] for h in hits]
+            view = ctx.dataset.select_by("filepath", [p for p in paths if p], ordered=True)
+        else:  # project index empty: the dataset's own similarity index
+            view = ctx.dataset.sort_by_similarity(sample.id, k=k, brain_key="similarity")
+            source = "fiftyone-brain:similarity"
+            hits = [{"path": p} for p in view.values("filepath")]
+        ctx.ops.set_view(view)
+        return {"query": query, "neighbours": hits, "source": source, "in_dataset": len(view)}
+
+    def resolve_output(self, ctx: Any) -> types.Property:
+        outputs = types.Object()
+        outputs.str("source", label="Index")
+        outputs.int("in_dataset", label="Neighbours in this dataset")
+        return types.Property(outputs)
+
+
+class ComputePredictions(foo.Operator):
+    @property
+    def config(self) -> foo.OperatorConfig:
+        return foo.OperatorConfig(
+            name="compute_predictions",
+            label="Defect Assist: compute / refresh predictions",
+            dynamic=True,
+            allow_delegated_execution=True,
+            default_choice_to_delegated=True,
+        )
+
+    def resolve_input(self, ctx: Any) -> types.Property:
+        inputs = types.Object()
+        _project_input(inputs, ctx)
+        inputs.bool("update_index", label="Also refresh the project's Qdrant index", default=True)
+        return types.Property(inputs, view=types.View(label="Compute predictions"))
+
+    def resolve_delegation(self, ctx: Any) -> bool:
+        return bool(ctx.params.get("delegate", True))
+
+    def execute(self, ctx: Any) -> dict[str, Any]:
+        from pathlib import Path
+
+        from defect_assist.explore.fiftyone_dataset import add_predictions, compute_brain_runs
+        from defect_assist.settings import get_settings
+        from defect_assist.similarity.index import update_index
+        from defect_assist.similarity.mvtec import ImageRecord
+        from defect_assist.similarity.service import open_context
+
+        settings = get_settings()
+        info = _info(ctx)
+        dataset = ctx.dataset
+        view = ctx.target_view() if hasattr(ctx, "target_view") else ctx.view
+        context = open_context(_project(ctx), device=settings.device)
+        try:
+            media = Path(info.get("media_dir") or settings.cache_dir / "fiftyone" / dataset.name)
+            add_predictions(
+                view, context.embedder, media, progress=lambda s, d, t: ctx.set_progress(d / max(t, 1))
+            )
+            report = {}
+            if ctx.params.get("update_index", True):
+                records = [
+                    ImageRecord(Path(p), s, (g.label if g else None), t, None, c)
+                    for p, s, g, t, c in zip(
+                        *view.values(["filepath", "split", "ground_truth", "defect_type", "category"]),
+                        strict=True,
+                    )
+                ]
+                context.index.mark_stale(context.model_version)
+                report = update_index(
+                    context.index, context.embedder, records, context.model_version
+                ).summary()
+        finally:
+            context.close()
+        runs = compute_brain_runs(
+            dataset,
+            qdrant_path=Path(info["path"]) if info.get("path") else settings.qdrant_path / "fiftyone",
+            qdrant_url=info.get("url"),
+        )
+        dataset.info = {
+            **(dataset.info or {}),
+            "defect_assist": {**info, "model_version": context.model_version, **runs},
+        }
+        dataset.save()
+        ctx.trigger("reload_dataset")
+        return {"model_version": context.model_version, "samples": len(view), "index": report}
+
+
+class SendToLabelStudio(foo.Operator):
+    @property
+    def config(self) -> foo.OperatorConfig:
+        return foo.OperatorConfig(
+            name="send_to_label_studio", label="Defect Assist: send to Label Studio for review", dynamic=True
+        )
+
+    def resolve_input(self, ctx: Any) -> types.Property:
+        inputs = types.Object()
+        inputs.int("ls_project", label="Label Studio project id", required=True)
+        inputs.str("image_url_prefix", label="Image URL prefix (optional)", required=False)
+        return types.Property(inputs, view=types.View(label="Send to Label Studio"))
+
+    def execute(self, ctx: Any) -> dict[str, Any]:
+        from defect_assist.explore.label_studio_tasks import create_review_tasks
+
+        ids = _target_ids(ctx)
+        if not ids:
+            raise ValueError("select samples first")
+        samples = ctx.dataset.select(ids, ordered=True)
+        task_ids = create_review_tasks(
+            samples,
+            int(ctx.params["ls_project"]),
+            image_url_prefix=ctx.params.get("image_url_prefix") or None,
+        )
+        for sample, task_id in zip(samples, task_ids, strict=True):
+            sample["ls_task_id"] = task_id
+            sample.tags = sorted({*sample.tags, "sent_to_label_studio"})
+            sample.save()
+        return {"created": len(task_ids), "task_ids": task_ids}
+
+
+class TriggerRetrain(foo.Operator):
+    @property
+    def config(self) -> foo.OperatorConfig:
+        return foo.OperatorConfig(
+            name="trigger_retrain",
+            label="Defect Assist: retrain the model",
+            dynamic=True,
+            allow_delegated_execution=True,
+            default_choice_to_delegated=True,
+        )
+
+    def resolve_input(self, ctx: Any) -> types.Property:
+        inputs = types.Object()
+        _project_input(inputs, ctx)
+        inputs.bool("normals_from_view", label="Train on the normal samples of this view", default=True)
+        inputs.bool("use_queue", label="Through the worker queue", default=True)
+        return types.Property(inputs, view=types.View(label="Retrain"))
+
+    def resolve_delegation(self, ctx: Any) -> bool:
+        return bool(ctx.params.get("delegate", True))
+
+    def execute(self, ctx: Any) -> dict[str, Any]:
+        from defect_assist.explore.retrain import request_retrain
+
+        view = ctx.target_view() if hasattr(ctx, "target_view") else ctx.view
+        images: list[str] = []
+        if ctx.params.get("normals_from_view", True):
+            normals = view.match({"ground_truth.label": "normal", "split": "train"})
+            images = normals.values("filepath")
+        return request_retrain(_project(ctx), images, use_queue=bool(ctx.params.get("use_queue", True)))
+
+
+def register(plugin: Any) -> None:
+    plugin.register(FindSimilar)
+    plugin.register(ComputePredictions)
+    plugin.register(SendToLabelStudio)
+    plugin.register(TriggerRetrain)

@@ -1,0 +1,300 @@
+"""FiftyOne exploration with the real bundled MongoDB, real Qdrant local storage and the plugin.
+
+Builds a dataset (masks, heatmaps, verdicts, embeddings, 2-D plot, Qdrant similarity index), runs
+the plugin's operators programmatically (immediate and delegated), and screenshots the App with
+headless Chromium (saved to artifacts/ and docs/images/).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+_FO_DIR = Path(tempfile.mkdtemp(prefix="fo-test-"))
+os.environ.setdefault("FIFTYONE_DATABASE_DIR", str(_FO_DIR / "db"))
+os.environ["FIFTYONE_DO_NOT_TRACK"] = "true"
+os.environ["FIFTYONE_PLUGINS_DIR"] = str(ROOT / "plugins")
+os.environ.setdefault("FIFTYONE_DEFAULT_APP_ADDRESS", "127.0.0.1")
+
+fo = pytest.importorskip("fiftyone")
+import fiftyone.operators as foo  # noqa: E402
+from defect_assist.explore.fiftyone_dataset import SIMILARITY_KEY, VISUALIZATION_KEY, build_dataset  # noqa: E402
+from defect_assist.explore.label_studio_tasks import build_tasks  # noqa: E402
+from defect_assist.explore.qdrant_backend import QdrantLocalSimilarityIndex  # noqa: E402
+from defect_assist.models import create_model  # noqa: E402
+from defect_assist.settings import get_settings  # noqa: E402
+from defect_assist.similarity.embedding import SimilarityEmbedder  # noqa: E402
+from defect_assist.similarity.index import SimilarityIndex, update_index  # noqa: E402
+from defect_assist.similarity.mvtec import walk_folder  # noqa: E402
+from defect_assist.store import ModelStore  # noqa: E402
+from qdrant_client import QdrantClient  # noqa: E402
+
+PROJECT = "fo"
+PLUGIN = "@defect-assist/defect_assist"
+LS_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <Choices name="verdict" toName="image"><Choice value="Normal"/><Choice value="Anomalous"/></Choices>
+  <BrushLabels name="defect" toName="image"><Label value="Defect"/></BrushLabels>
+</View>"""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, magnetic_tile: Path):
+    """A tiny MVTec copy, a published 64 px PatchCore and settings pointing at temp dirs."""
+    root = tmp_path_factory.mktemp("fodata") / "tile"
+    (root / "train" / "good").mkdir(parents=True)
+    for path in sorted((magnetic_tile / "train" / "good").glob("*.jpg"))[::60][:10]:
+        shutil.copy(path, root / "train" / "good")
+    (root / "test" / "good").mkdir(parents=True)
+    for path in sorted((magnetic_tile / "test" / "good").glob("*.jpg"))[::50][:3]:
+        shutil.copy(path, root / "test" / "good")
+    for defect in ("break", "fray"):
+        (root / "test" / defect).mkdir(parents=True)
+        (root / "ground_truth" / defect).mkdir(parents=True)
+        for path in sorted((magnetic_tile / "test" / defect).glob("*.jpg"))[::8][:2]:
+            shutil.copy(path, root / "test" / defect)
+            shutil.copy(
+                magnetic_tile / "ground_truth" / defect / f"{path.stem}_mask.png",
+                root / "ground_truth" / defect,
+            )
+    work = tmp_path_factory.mktemp("fowork")
+    saved = {k: os.environ.get(k) for k in ("MODEL_DIR", "QDRANT_PATH", "QDRANT_URL", "CACHE_DIR", "DEVICE")}
+    os.environ.update(
+        MODEL_DIR=str(work / "models"),
+        QDRANT_PATH=str(work / "qdrant"),
+        QDRANT_URL="",
+        CACHE_DIR=str(work / "cache"),
+        DEVICE="cpu",
+    )
+    get_settings.cache_clear()
+    model = create_model("patchcore", device="cpu", image_size=64)
+    model.fit(sorted((root / "train" / "good").glob("*.jpg")))
+    store = ModelStore(work / "models")
+    store.publish(PROJECT, model)
+    yield {"root": root, "work": work, "store": store, "model": model}
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def dataset(env):
+    version = env["store"].current_version(PROJECT)
+    ds = build_dataset(
+        env["root"],
+        env["model"],
+        name="defect-assist-test",
+        model_version=version,
+        project=PROJECT,
+        qdrant_path=env["work"] / "qdrant" / "fiftyone",
+        persistent=False,
+    )
+    yield ds
+    ds.delete()
+
+
+def test_dataset_has_labels_heatmaps_embeddings_and_brain_runs(dataset, env) -> None:
+    assert len(dataset) == 10 + 3 + 4
+    anomalous = dataset.match({"ground_truth.label": "anomalous"})
+    assert len(anomalous) == 4 and set(anomalous.values("defect_type")) == {"break", "fray"}
+    for sample in anomalous:
+        gt = sample["gt_mask"].get_mask()
+        assert gt.dtype == np.uint8 and set(np.unique(gt)) <= {0, 1} and gt.any()
+        assert gt.shape == Image.open(sample.filepath).size[::-1]
+    for sample in dataset:
+        assert isinstance(sample["anomaly_map"], fo.Heatmap) and sample["anomaly_map"].range == [0, 255]
+        heat = sample["anomaly_map"].get_map()
+        assert heat.shape == Image.open(sample.filepath).size[::-1]
+        assert (
+            isinstance(sample["prediction"], fo.Classification) and 0 <= sample["prediction"].confidence <= 1
+        )
+        assert (
+            sample["prediction"].label in {"normal", "anomalous"}
+            and sample["score"] == sample["prediction"].confidence
+        )
+        assert isinstance(sample["pred_mask"], fo.Segmentation)
+        assert (
+            np.array_equal(sample["pred_mask"].get_mask() > 0, heat > 128)
+            or abs(int((sample["pred_mask"].get_mask() > 0).sum()) - int((heat > 128).sum()))
+            < heat.size * 0.01
+        )
+        assert len(sample["embedding"]) == len(dataset.first()["embedding"])
+    assert "train" in dataset.first().tags
+    assert set(dataset.list_brain_runs()) == {VISUALIZATION_KEY, SIMILARITY_KEY}
+    viz = dataset.load_brain_results(VISUALIZATION_KEY)
+    assert viz.points.shape == (len(dataset), 2)
+    assert dataset.info["defect_assist"]["visualization"] in {"umap", "pca"}
+
+
+def test_app_similarity_sort_uses_qdrant_with_current_client(dataset, env) -> None:
+    # fiftyone-brain's own qdrant backend calls QdrantClient.search, which this client no longer has
+    assert not hasattr(QdrantClient, "search")
+    index = dataset.load_brain_results(SIMILARITY_KEY)
+    assert isinstance(index, QdrantLocalSimilarityIndex) and index.total_index_size == len(dataset)
+    query = dataset.match({"defect_type": "fray"}).first()
+    view = dataset.sort_by_similarity(query.id, k=5, brain_key=SIMILARITY_KEY)  # what the App's sort calls
+    assert view.first().id == query.id and len(view) == 5
+    vectors = np.stack(dataset.values("embedding"))
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    expected = np.argsort(-(unit @ unit[dataset.values("id").index(query.id)]))[:5]
+    assert view.values("id") == [dataset.values("id")[i] for i in expected]
+    client = QdrantClient(path=str(env["work"] / "qdrant" / "fiftyone"))  # the storage the index wrote
+    try:
+        assert client.count(index.config.collection_name).count == len(dataset)
+    finally:
+        client.close()
+
+
+def test_plugin_operators(dataset, env) -> None:
+    uris = {op.uri for op in foo.list_operators()}
+    for name in ("find_similar", "compute_predictions", "send_to_label_studio", "trigger_retrain"):
+        assert f"{PLUGIN}/{name}" in uris
+    store: ModelStore = env["store"]
+    version = store.current_version(PROJECT)
+    with SimilarityIndex(PROJECT, path=env["work"] / "qdrant") as index:
+        update_index(index, SimilarityEmbedder(env["model"], version), walk_folder(env["root"]), version)
+
+    query = dataset.match({"defect_type": "break"}).first()
+    result = foo.execute_operator(
+        f"{PLUGIN}/find_similar",
+        ctx={"dataset": dataset.name, "selected": [query.id], "params": {"k": 4, "project": PROJECT}},
+    )
+    assert result.error is None, result.error
+    assert result.result["source"].startswith("qdrant:") and len(result.result["neighbours"]) == 4
+    assert result.result["in_dataset"] == 4 and query.filepath not in [
+        n["path"] for n in result.result["neighbours"]
+    ]
+
+    # compute_predictions is delegated: queued, then run by the delegated-operation executor
+    from fiftyone.operators.delegated import DelegatedOperationService
+
+    service = DelegatedOperationService()
+    queued = foo.execute_operator(
+        f"{PLUGIN}/compute_predictions", ctx={"dataset": dataset.name, "params": {"project": PROJECT}}
+    )
+    assert queued.delegated
+    ops = service.get_queued_operations(operator=f"{PLUGIN}/compute_predictions", dataset_name=dataset.name)
+    assert len(ops) == 1
+    done = service.execute_operation(ops[0])
+    assert done.error is None, done.error
+    assert done.result["samples"] == len(dataset) and done.result["index"]["unchanged"] == len(dataset)
+    assert done.result["index"]["added"] == 0 and done.result["index"]["reembedded"] == 0
+
+    # retrain in-process (use_queue=False; the queue path is defect_assist_worker.enqueue_retrain)
+    retrain = foo.execute_operator(
+        f"{PLUGIN}/trigger_retrain",
+        ctx={"dataset": dataset.name, "params": {"project": PROJECT, "delegate": False, "use_queue": False}},
+    )
+    assert retrain.error is None, retrain.error
+    assert store.current_version(PROJECT) != version
+    assert retrain.result.get("job_id") or retrain.result["version"] == store.current_version(PROJECT)
+    with SimilarityIndex(PROJECT, path=env["work"] / "qdrant") as index:
+        assert index.mark_stale(store.current_version(PROJECT)) == len(dataset)  # new version → all stale
+
+
+def test_label_studio_tasks_carry_predictions(dataset) -> None:
+    from label_studio_sdk.converter.brush import decode_rle
+
+    samples = dataset.sort_by("score", reverse=True).limit(2)
+    tasks = build_tasks(samples, LS_CONFIG)
+    assert len(tasks) == 2
+    for task, sample in zip(tasks, samples, strict=True):
+        assert task["data"]["image"].endswith(Path(sample.filepath).name)
+        prediction = task["predictions"][0]
+        assert (
+            prediction["model_version"] == sample["model_version"] and prediction["score"] == sample["score"]
+        )
+        choice = next(r for r in prediction["result"] if r["type"] == "choices")
+        assert choice["value"]["choices"] == [
+            "Anomalous" if sample["prediction"].label == "anomalous" else "Normal"
+        ]
+        brush = [r for r in prediction["result"] if r["type"] == "brushlabels"]
+        mask = sample["pred_mask"].get_mask() > 0
+        if mask.any():
+            h, w = brush[0]["original_height"], brush[0]["original_width"]
+            decoded = decode_rle(brush[0]["value"]["rle"]).reshape(h, w, 4)[..., 0] > 0
+            assert np.array_equal(decoded, mask)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+
+
+def _screenshot(chromium: str, url: str, out: Path) -> None:
+    """Open the App in headless Chromium (driven by Playwright), wait for the grid, save a PNG."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.goto(url, wait_until="load", timeout=90_000)  # (the App keeps a connection open: no idle)
+            page.get_by_text("anomaly_map").first.wait_for(timeout=90_000)  # sidebar rendered
+            page.wait_for_timeout(15_000)  # let the grid load thumbnails and draw the overlays
+            dismiss = page.get_by_text("Dismiss")
+            if dismiss.count():
+                dismiss.first.click()
+                page.wait_for_timeout(1_000)
+            page.screenshot(path=str(out))
+        finally:
+            browser.close()
+
+
+def test_app_screenshot_with_heatmaps(dataset) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    pytest.importorskip("playwright")
+    dataset.persistent = True  # the App server is another process
+    port = _free_port()
+    session = fo.launch_app(
+        dataset.sort_by("score", reverse=True), port=port, address="127.0.0.1", remote=True, auto=False
+    )
+    out = ROOT / "artifacts" / "fiftyone-app.png"
+    out.parent.mkdir(exist_ok=True)
+    try:
+        deadline = time.time() + 60
+        import urllib.request
+
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read()
+                break
+            except OSError:
+                time.sleep(1)
+        out.unlink(missing_ok=True)
+        _screenshot(chromium, f"http://127.0.0.1:{port}/datasets/{dataset.name}", out)
+    finally:
+        session.close()
+        dataset.persistent = False
+    image = np.asarray(Image.open(out).convert("RGB")).astype(np.int16)
+    assert image.shape[:2] == (1000, 1600)
+    assert image.std() > 20  # a rendered grid, not a blank page
+    docs = ROOT / "docs" / "images"
+    docs.mkdir(parents=True, exist_ok=True)
+    shutil.copy(out, docs / "fiftyone-app.png")

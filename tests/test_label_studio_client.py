@@ -1,0 +1,213 @@
+"""defect_assist.label_studio: project ids, label configs, regions and image fetching over real HTTP."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+from defect_assist.label_studio import (
+    ControlSpec,
+    LabelConfigError,
+    LabelStudioClient,
+    LabelStudioError,
+    mask_to_rle,
+    prediction_regions,
+    project_id,
+    rle_to_mask,
+)
+from defect_assist.models import Prediction
+
+CONFIG = (
+    Path(__file__).resolve().parents[1] / "backend/defect_assist/server/labeling_config.xml"
+).read_text()
+TOKEN = "secret-token"
+
+
+def test_project_id_mapping() -> None:
+    assert project_id("3.1716549") == "3"
+    assert project_id(12) == "12"
+    assert project_id({"id": 7, "title": "x"}) == "7"
+    with pytest.raises(ValueError):
+        project_id("abc")
+    with pytest.raises(ValueError):
+        project_id(None)
+
+
+def test_recommended_config_fills_brush_choices_polygon() -> None:
+    spec = ControlSpec.from_config(CONFIG)
+    assert (spec.image, spec.image_key) == ("image", "image")
+    assert (spec.brush, spec.brush_label) == ("defect_mask", "defect")
+    assert (spec.choices, spec.normal_choice, spec.anomalous_choice) == ("verdict", "normal", "anomalous")
+    assert spec.polygon == "defect_outline" and spec.rectangle is None
+    assert spec.warnings == []
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("", "empty"),
+        (
+            "<View><Text name='t' value='$text'/><Choices name='c' toName='t'><Choice value='a'/>"
+            "</Choices></View>",
+            "no <Image>",
+        ),
+        (
+            "<View><Image name='img' value='$url'/><Choices name='c' toName='img'><Choice value='cat'/>"
+            "<Choice value='dog'/></Choices></View>",
+            "nothing to pre-annotate",
+        ),
+        ("<View><Image name='img' value='$url'", "cannot parse"),
+    ],
+)
+def test_unusable_configs_are_explained(config: str, message: str) -> None:
+    with pytest.raises(LabelConfigError, match=message):
+        ControlSpec.from_config(config)
+
+
+def test_rectangles_and_custom_choice_names() -> None:
+    spec = ControlSpec.from_config(
+        "<View><Image name='img' value='$url'/><Choices name='qc' toName='img'><Choice value='OK'/>"
+        "<Choice value='NG'/></Choices><RectangleLabels name='box' toName='img'><Label value='scratch'/>"
+        "</RectangleLabels></View>"
+    )
+    assert (spec.image_key, spec.choices, spec.normal_choice, spec.anomalous_choice) == (
+        "url",
+        "qc",
+        "OK",
+        "NG",
+    )
+    assert (spec.rectangle, spec.rectangle_label, spec.brush) == ("box", "scratch", None)
+
+
+def _prediction(mask: np.ndarray, score: float) -> Prediction:
+    return Prediction(
+        source="x",
+        score=score,
+        raw_score=score,
+        is_anomalous=score >= 0.5,
+        anomaly_map=mask.astype(np.float32),
+        mask=mask,
+    )
+
+
+def test_regions_round_trip_the_mask() -> None:
+    mask = np.zeros((60, 90), bool)
+    mask[10:30, 20:50] = True
+    mask[45:55, 70:80] = True
+    assert np.array_equal(rle_to_mask(mask_to_rle(mask), 60, 90), mask)
+    spec = ControlSpec.from_config(
+        CONFIG.replace(
+            "</View>",
+            "<RectangleLabels name='box' toName='image'><Label value='defect'/></RectangleLabels></View>",
+        )
+    )
+    regions = prediction_regions(_prediction(mask, 0.9), spec)
+    by_type: dict[str, list[dict]] = {}
+    for region in regions:
+        by_type.setdefault(region["type"], []).append(region)
+    assert by_type["choices"][0]["value"] == {"choices": ["anomalous"]}
+    brush = by_type["brushlabels"][0]
+    assert (brush["original_width"], brush["original_height"]) == (90, 60)
+    assert brush["value"]["brushlabels"] == ["defect"]
+    assert np.array_equal(rle_to_mask(brush["value"]["rle"], 60, 90), mask)
+    assert len(by_type["polygonlabels"]) == 2 and len(by_type["rectanglelabels"]) == 2
+    for polygon in by_type["polygonlabels"]:
+        points = np.array(polygon["value"]["points"])
+        assert points.shape[1] == 2 and points.min() >= 0 and points.max() <= 100
+    boxes = sorted(
+        (r["value"]["x"], r["value"]["y"], r["value"]["width"], r["value"]["height"])
+        for r in by_type["rectanglelabels"]
+    )
+    assert boxes[0] == pytest.approx((100 * 20 / 90, 100 * 10 / 60, 100 * 30 / 90, 100 * 20 / 60))
+
+
+def test_normal_prediction_gives_only_the_verdict() -> None:
+    regions = prediction_regions(_prediction(np.zeros((8, 8), bool), 0.1), ControlSpec.from_config(CONFIG))
+    assert regions == [
+        {
+            "from_name": "verdict",
+            "to_name": "image",
+            "type": "choices",
+            "value": {"choices": ["normal"]},
+            "score": 0.1,
+        }
+    ]
+    failed = Prediction(source="x", error="cannot read image x: broken")
+    assert prediction_regions(failed, ControlSpec.from_config(CONFIG)) == []
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """A tiny stand-in *HTTP server* for Label Studio's media routes (token checked like LS does)."""
+
+    files: ClassVar[dict[str, bytes]] = {}
+    seen_auth: ClassVar[list[str | None]] = []
+
+    def do_GET(self) -> None:
+        self.seen_auth.append(self.headers.get("Authorization"))
+        if self.path.startswith("/data/") and self.headers.get("Authorization") != f"Token {TOKEN}":
+            self.send_response(401)
+            self.end_headers()
+            return
+        body = self.files.get(self.path)
+        self.send_response(200 if body is not None else 404)
+        self.end_headers()
+        if body is not None:
+            self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def media_server(train_normals: list[Path]) -> Iterator[tuple[str, bytes]]:
+    image = train_normals[0].read_bytes()
+    _Handler.files = {
+        "/data/local-files/?d=magnetic_tile/a.jpg": image,
+        "/data/upload/1/b.jpg": image,
+        "/public/c.jpg": image,
+    }
+    _Handler.seen_auth = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", image
+    server.shutdown()
+    server.server_close()
+
+
+def test_fetch_image_from_every_kind_of_url(
+    media_server: tuple[str, bytes], train_normals: list[Path]
+) -> None:
+    url, image = media_server
+    with LabelStudioClient(url, TOKEN) as client:
+        assert client.fetch_image("/data/local-files/?d=magnetic_tile/a.jpg") == image
+        assert client.fetch_image("/data/upload/1/b.jpg") == image
+        assert client.fetch_image(f"{url}/data/upload/1/b.jpg") == image
+        assert _Handler.seen_auth == [f"Token {TOKEN}"] * 3
+        other_host = url.replace("127.0.0.1", "localhost")  # a foreign host never gets the token
+        assert client.fetch_image(f"{other_host}/public/c.jpg") == image
+        assert _Handler.seen_auth[-1] is None
+        assert client.fetch_image(str(train_normals[0])) == image
+        assert client.fetch_image(train_normals[0].as_uri()) == image
+        with pytest.raises(LabelStudioError, match="404"):
+            client.fetch_image("/data/upload/1/missing.jpg")
+        with pytest.raises(LabelStudioError, match="neither"):
+            client.fetch_image("/no/such/file.jpg")
+    with LabelStudioClient(url, "wrong") as client, pytest.raises(LabelStudioError, match="401"):
+        client.fetch_image("/data/local-files/?d=magnetic_tile/a.jpg")
+
+
+def test_local_files_root_reads_without_http(train_normals: list[Path]) -> None:
+    root = train_normals[0].parents[2]
+    relative = train_normals[0].relative_to(root)
+    client = LabelStudioClient(
+        "http://127.0.0.1:9", TOKEN, local_files_root=root
+    )  # nothing listens on port 9
+    assert client.fetch_image(f"/data/local-files/?d={relative}") == train_normals[0].read_bytes()
+    with pytest.raises(LabelStudioError, match=r"unreachable|cannot fetch"):
+        client.fetch_image("/data/local-files/?d=../../etc/passwd")  # outside the root: not read locally
