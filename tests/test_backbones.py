@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from defect_assist import backbones
 from defect_assist.images import load_image
 
@@ -24,7 +23,9 @@ def _imagenet_batch(root: Path, size: int, mean, std, step: int) -> tuple[torch.
         path = next((root / synset).iterdir())
         image = Image.fromarray(load_image(path))
         scale = int(size / 0.875) / min(image.size)
-        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
+        image = image.resize(
+            (round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC
+        )
         left, top = (image.width - size) // 2, (image.height - size) // 2
         images.append(np.asarray(image.crop((left, top, left + size, top + size))))
         labels.append(4 * position * step)

@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from defect_assist.cli import app
 from PIL import Image
 from typer.testing import CliRunner
-
-from defect_assist.cli import app
 
 runner = CliRunner()
 
@@ -50,13 +49,25 @@ def test_train_predict_versions_rollback(tiny_mvtec: Path, tmp_path: Path) -> No
     assert "published 3/v0001-patchcore" in first
     _run("train", "--images", images, "--project", "3", "-o", "image_size=64", "--model-dir", store)
     listing = json.loads(_run("versions", "--project", "3", "--model-dir", store, "--json"))
-    assert [(v["version"], v["current"]) for v in listing] == [("v0001-patchcore", False), ("v0002-patchcore", True)]
+    assert [(v["version"], v["current"]) for v in listing] == [
+        ("v0001-patchcore", False),
+        ("v0002-patchcore", True),
+    ]
     assert listing[0]["n_train_images"] == 14 and listing[0]["calibration"]["image_threshold"] > 0
 
     defect = next((tiny_mvtec / "test" / "break").glob("*.jpg"))
     out = _run(
-        "predict", str(defect), "--project", "3", "--json", "--model-dir", store,
-        "--masks", str(tmp_path / "masks"), "--heatmaps", str(tmp_path / "heat"),
+        "predict",
+        str(defect),
+        "--project",
+        "3",
+        "--json",
+        "--model-dir",
+        store,
+        "--masks",
+        str(tmp_path / "masks"),
+        "--heatmaps",
+        str(tmp_path / "heat"),
     )
     record = json.loads(out)
     assert record["source"] == str(defect)
@@ -70,13 +81,29 @@ def test_train_predict_versions_rollback(tiny_mvtec: Path, tmp_path: Path) -> No
 
 def test_predict_folder_reports_broken_file_and_continues(tiny_mvtec: Path, tmp_path: Path) -> None:
     store = str(tmp_path / "models")
-    _run("train", "--images", str(tiny_mvtec / "train" / "good"), "--project", "p", "-o", "image_size=64", "--model-dir", store)
+    _run(
+        "train",
+        "--images",
+        str(tiny_mvtec / "train" / "good"),
+        "--project",
+        "p",
+        "-o",
+        "image_size=64",
+        "--model-dir",
+        store,
+    )
     folder = tmp_path / "incoming"
     folder.mkdir()
     for path in sorted((tiny_mvtec / "test" / "good").glob("*.jpg"))[:2]:
         shutil.copy(path, folder)
     (folder / "zz_corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    lines = [json.loads(line) for line in _run("predict", str(folder), "--project", "p", "--json", "--model-dir", store).splitlines() if line.strip()]
+    lines = [
+        json.loads(line)
+        for line in _run(
+            "predict", str(folder), "--project", "p", "--json", "--model-dir", store
+        ).splitlines()
+        if line.strip()
+    ]
     assert len(lines) == 3
     assert [r["error"] is None for r in lines] == [True, True, False]
     assert "zz_corrupt.jpg" in lines[2]["error"]
@@ -105,7 +132,17 @@ def test_evaluate_root_of_categories(tiny_mvtec: Path, tmp_path: Path) -> None:
     (root / "tile_a").symlink_to(tiny_mvtec, target_is_directory=True)
     (root / "tile_b").symlink_to(tiny_mvtec, target_is_directory=True)
     out_file = tmp_path / "r.json"
-    _run("evaluate", "--data", str(root), "-o", "image_size=64", "--category", "tile_b", "--json", str(out_file))
+    _run(
+        "evaluate",
+        "--data",
+        str(root),
+        "-o",
+        "image_size=64",
+        "--category",
+        "tile_b",
+        "--json",
+        str(out_file),
+    )
     assert list(json.loads(out_file.read_text())["categories"]) == ["tile_b"]
 
 

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from defect_assist.images import ImageLoadError, collect_images, load_image
+from PIL import Image
 
 
 def _encode(image: Image.Image, fmt: str) -> bytes:
@@ -20,7 +19,15 @@ def _encode(image: Image.Image, fmt: str) -> bytes:
 
 @pytest.mark.parametrize(
     ("mode", "fmt"),
-    [("L", "JPEG"), ("RGB", "JPEG"), ("L", "PNG"), ("RGB", "PNG"), ("RGBA", "PNG"), ("LA", "PNG"), ("P", "PNG")],
+    [
+        ("L", "JPEG"),
+        ("RGB", "JPEG"),
+        ("L", "PNG"),
+        ("RGB", "PNG"),
+        ("RGBA", "PNG"),
+        ("LA", "PNG"),
+        ("P", "PNG"),
+    ],
 )
 def test_modes_decode_to_rgb_uint8(mode: str, fmt: str) -> None:
     image = Image.new(mode, (37, 21), color=200 if mode in ("L", "P") else None)
@@ -60,7 +67,9 @@ def test_grayscale_jpeg_from_dataset(train_normals: list[Path]) -> None:
     ("content", "reason"),
     [(b"", "decodable"), (b"not an image at all", "decodable"), (None, "decodable")],
 )
-def test_corrupt_files_name_the_file(tmp_path: Path, content: bytes | None, reason: str, train_normals) -> None:
+def test_corrupt_files_name_the_file(
+    tmp_path: Path, content: bytes | None, reason: str, train_normals
+) -> None:
     path = tmp_path / "broken.jpg"
     path.write_bytes(content if content is not None else train_normals[0].read_bytes()[:300])
     with pytest.raises(ImageLoadError) as error:
@@ -70,7 +79,7 @@ def test_corrupt_files_name_the_file(tmp_path: Path, content: bytes | None, reas
 
 
 def test_missing_file_names_the_file(tmp_path: Path) -> None:
-    with pytest.raises(ImageLoadError, match="nope.png"):
+    with pytest.raises(ImageLoadError, match=r"nope\.png"):
         load_image(tmp_path / "nope.png")
 
 

@@ -7,10 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from defect_assist.models import create_model, load_model
 from defect_assist.models.patchcore.torch_model import coverage_select, estimate_radius
+from PIL import Image
 
 
 def test_predictions_have_original_size_and_consistent_verdicts(small_patchcore, test_images) -> None:
@@ -49,7 +48,9 @@ def test_array_and_bytes_inputs_match_path_input(small_patchcore, test_images) -
     path = test_images["anomalous"][0]
     from_path = small_patchcore.predict_one(path)
     from_bytes = small_patchcore.predict_one(path.read_bytes())
-    rgba = np.dstack([np.asarray(Image.open(path).convert("RGB")), np.full(from_path.mask.shape, 255, np.uint8)])
+    rgba = np.dstack(
+        [np.asarray(Image.open(path).convert("RGB")), np.full(from_path.mask.shape, 255, np.uint8)]
+    )
     from_array = small_patchcore.predict_one(rgba)
     assert from_bytes.raw_score == pytest.approx(from_path.raw_score, rel=1e-5)
     assert from_array.raw_score == pytest.approx(from_path.raw_score, rel=1e-5)
@@ -118,7 +119,6 @@ def test_unknown_option_is_rejected() -> None:
 def test_lightning_wrapper_runs_anomalib_steps() -> None:
     """The anomalib Lightning module builds its bank with the coverage coreset and scores batches."""
     from anomalib.data import ImageBatch
-
     from defect_assist.models.patchcore.lightning_model import FastPatchcore
 
     torch.manual_seed(0)

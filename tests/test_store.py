@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from defect_assist.models.base import METADATA_FILE
 from defect_assist.store import CURRENT_FILE, ModelStore, StoreError
 
@@ -72,7 +71,9 @@ def test_kill_during_publish_never_exposes_partial_version(tmp_path: Path, small
     good = store.publish("crash", small_patchcore)
     saved = tmp_path / "saved"
     small_patchcore.save(saved)
-    child = multiprocessing.get_context("spawn").Process(target=_publish_slowly, args=(str(store.root), str(saved)))
+    child = multiprocessing.get_context("spawn").Process(
+        target=_publish_slowly, args=(str(store.root), str(saved))
+    )
     child.start()
     deadline = time.time() + 60
     while time.time() < deadline and not list((store.root / "crash").glob(".tmp-*/marker")):

@@ -39,7 +39,6 @@ def _up(url: str) -> bool:
 def stack(tmp_path: Path, label_studio, monkeypatch: pytest.MonkeyPatch):
     """Our backend, a redis-server and a worker around the session's Label Studio."""
     from defect_assist.settings import get_settings
-    from defect_assist_worker.config import get_worker_settings
     from defect_assist_worker.redis_server import RedisServer
 
     server = RedisServer(tmp_path / "redis")
@@ -61,7 +60,6 @@ def stack(tmp_path: Path, label_studio, monkeypatch: pytest.MonkeyPatch):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     get_settings.cache_clear()
-    get_worker_settings.cache_clear()
     with open(tmp_path / "backend.log", "wb") as log:
         backend = subprocess.Popen(
             [
@@ -96,7 +94,6 @@ def stack(tmp_path: Path, label_studio, monkeypatch: pytest.MonkeyPatch):
             os.killpg(backend.pid, 9)
         server.stop()
         get_settings.cache_clear()
-        get_worker_settings.cache_clear()
 
 
 def test_normal_annotations_in_label_studio_retrain_and_serve_new_version(stack, train_normals):

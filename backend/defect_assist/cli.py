@@ -11,7 +11,14 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 app = typer.Typer(
@@ -37,8 +44,14 @@ class RichProgress:
 
     def __init__(self, enabled: bool = True) -> None:
         self.progress = Progress(
-            TextColumn("{task.description:>12}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-            TimeRemainingColumn(), console=console, disable=not enabled, transient=False,
+            TextColumn("{task.description:>12}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled,
+            transient=False,
         )
         self.tasks: dict[str, Any] = {}
 
@@ -76,7 +89,9 @@ def _parse_options(options: list[str] | None) -> dict[str, Any]:
 
 
 @app.callback()
-def main_callback(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+def main_callback(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -89,7 +104,9 @@ def train(
     images: Annotated[Path, typer.Option("--images", help="Folder (or file) of normal images.", exists=True)],
     project: Annotated[str, typer.Option("--project", help="Project id in the model store.")],
     model: Annotated[str, typer.Option("--model", help="Model kind.")] = "patchcore",
-    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Model option key=value.")] = None,
+    option: Annotated[
+        list[str] | None, typer.Option("--option", "-o", help="Model option key=value.")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda …")] = "auto",
     model_dir: Annotated[Path | None, typer.Option(help="Model store root (default MODEL_DIR).")] = None,
 ) -> None:
@@ -153,9 +170,13 @@ def predict(
 
 @app.command()
 def evaluate(
-    data: Annotated[Path, typer.Option("--data", help="MVTec-layout category folder or root of several.", exists=True)],
+    data: Annotated[
+        Path, typer.Option("--data", help="MVTec-layout category folder or root of several.", exists=True)
+    ],
     model: Annotated[str, typer.Option("--model", help="Model kind.")] = "patchcore",
-    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Model option key=value.")] = None,
+    option: Annotated[
+        list[str] | None, typer.Option("--option", "-o", help="Model option key=value.")
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
     category: Annotated[list[str] | None, typer.Option(help="Only these categories.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda …")] = "auto",
@@ -166,7 +187,12 @@ def evaluate(
 
     with RichProgress() as progress:
         results = evaluate_dataset(
-            data, model, _parse_options(option), device=device, categories=category, max_train=max_train,
+            data,
+            model,
+            _parse_options(option),
+            device=device,
+            categories=category,
+            max_train=max_train,
             progress=progress,
         )
     out.print(results_table(results))
@@ -187,16 +213,27 @@ def versions(
 
     found = ModelStore(model_dir or _settings().model_dir).versions(project)
     if as_json:
-        out.print_json(json.dumps([
-            {"version": v.version, "current": v.is_current, "path": str(v.path), **v.metadata} for v in found
-        ], default=str))
+        out.print_json(
+            json.dumps(
+                [
+                    {"version": v.version, "current": v.is_current, "path": str(v.path), **v.metadata}
+                    for v in found
+                ],
+                default=str,
+            )
+        )
         return
     table = Table("version", "current", "kind", "backbone", "images", "update", "created")
     for info in found:
         meta = info.metadata
         table.add_row(
-            info.version, "*" if info.is_current else "", info.kind, meta.get("backbone", ""),
-            str(meta.get("n_train_images", "")), meta.get("update", ""), meta.get("created", ""),
+            info.version,
+            "*" if info.is_current else "",
+            info.kind,
+            meta.get("backbone", ""),
+            str(meta.get("n_train_images", "")),
+            meta.get("update", ""),
+            meta.get("created", ""),
         )
     out.print(table)
 

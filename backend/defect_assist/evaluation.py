@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 from rich.table import Table
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 from defect_assist.images import IMAGE_EXTENSIONS
 from defect_assist.models import create_model, model_class
@@ -34,7 +34,15 @@ from defect_assist.models.base import ProgressCallback
 logger = logging.getLogger(__name__)
 
 EVAL_SIZE = 256
-METRIC_KEYS = ("image_auroc", "pixel_auroc", "image_f1", "image_f1_max", "pixel_aupro", "fit_seconds", "images_per_second")
+METRIC_KEYS = (
+    "image_auroc",
+    "pixel_auroc",
+    "image_f1",
+    "image_f1_max",
+    "pixel_aupro",
+    "fit_seconds",
+    "images_per_second",
+)
 
 
 @dataclass
@@ -116,7 +124,11 @@ def image_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 def f1_at(predicted: np.ndarray, labels: np.ndarray) -> float:
     from torchmetrics.classification import BinaryF1Score
 
-    return float(BinaryF1Score()(torch.as_tensor(predicted, dtype=torch.long), torch.as_tensor(labels, dtype=torch.long)))
+    return float(
+        BinaryF1Score()(
+            torch.as_tensor(predicted, dtype=torch.long), torch.as_tensor(labels, dtype=torch.long)
+        )
+    )
 
 
 def f1_max(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -227,8 +239,12 @@ def evaluate_dataset(
             raise ValueError(f"none of the categories {categories} are under {data}")
     per_category = {}
     for category in found:
-        logger.info("evaluating %s: %d train, %d test images", category.name, len(category.train), len(category.test))
-        per_category[category.name] = evaluate_category(category, model_kind, options, device, max_train, progress)
+        logger.info(
+            "evaluating %s: %d train, %d test images", category.name, len(category.train), len(category.test)
+        )
+        per_category[category.name] = evaluate_category(
+            category, model_kind, options, device, max_train, progress
+        )
     mean = {
         key: float(np.nanmean([r[key] for r in per_category.values()]))
         if any(not math.isnan(r[key]) for r in per_category.values())

@@ -8,7 +8,7 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 ResizeMode = Literal["letterbox", "squash"]
 
@@ -25,7 +25,9 @@ class Placement:
     original_width: int
 
 
-def fit_into_square(image: np.ndarray, size: int, mode: ResizeMode, fill: int = 0) -> tuple[np.ndarray, Placement]:
+def fit_into_square(
+    image: np.ndarray, size: int, mode: ResizeMode, fill: int = 0
+) -> tuple[np.ndarray, Placement]:
     """Resize an ``HxWx3`` uint8 image into ``size x size``.
 
     ``letterbox`` keeps the aspect ratio and pads the short side (centred); ``squash`` stretches.
@@ -64,6 +66,9 @@ def map_to_original(anomaly_map: np.ndarray, placement: Placement) -> np.ndarray
     region = valid_region(anomaly_map, placement)
     tensor = torch.from_numpy(np.ascontiguousarray(region, dtype=np.float32))[None, None]
     resized = F.interpolate(
-        tensor, size=(placement.original_height, placement.original_width), mode="bilinear", align_corners=False
+        tensor,
+        size=(placement.original_height, placement.original_width),
+        mode="bilinear",
+        align_corners=False,
     )
     return resized[0, 0].numpy()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,7 +38,22 @@ class Settings(BaseSettings):
 
     # Queue
     redis_url: str = Field("", description="External Redis; empty = start the project's own redis-server.")
-    redis_data_dir: Path = Field(PROJECT_ROOT / "var" / "redis", description="Data dir of the embedded Redis.")
+    redis_data_dir: Path = Field(
+        PROJECT_ROOT / "var" / "redis", description="Data dir of the embedded Redis."
+    )
+
+    # Retraining (worker)
+    auto_retrain_after: int = Field(20, description="Auto-retrain after N new normal annotations (0 = off).")
+    auto_retrain_debounce: float = Field(10.0, description="Seconds to wait after the N-th annotation.")
+    auto_retrain_cooldown: float = Field(120.0, description="Minimum seconds between two auto-retrains.")
+    retrain_mode: str = Field("auto", description="auto (incremental when possible), full or incremental.")
+    incremental_max_fraction: float = Field(
+        0.5, description="Auto mode: full retrain when new/old exceeds this."
+    )
+    model_options: dict[str, Any] = Field(
+        default_factory=dict, description='JSON model options, e.g. {"image_size": 128}.'
+    )
+    retrain_job_timeout: int = Field(4 * 3600, description="Seconds before a retrain job is killed.")
 
     # Similarity search
     qdrant_url: str = Field("", description="Qdrant server URL; empty = embedded storage under QDRANT_PATH.")

@@ -340,6 +340,7 @@ def train_and_publish(
     progress("publish", 0, 1)
     info = store.publish(project, model)
     progress("publish", 1, 1)
+    stale_points = mark_similarity_index_stale(project, info.version, settings)
     return {
         "project": project,
         "version": info.version,
@@ -351,7 +352,29 @@ def train_and_publish(
         "trained_on": len(to_train),
         "train_seconds": round(train_seconds, 2),
         "metrics": metrics,
+        "similarity_stale_points": stale_points,
     }
+
+
+def mark_similarity_index_stale(project: str, version: str, settings: Any) -> int | None:
+    """Flag the project's similarity points embedded by older versions (no re-embedding: a retrain stays
+    fast; ``defect-assist index`` re-embeds them). Best effort: ``None`` when the index is unavailable."""
+    try:
+        from defect_assist.similarity.index import SimilarityIndex
+    except ImportError:  # the explore extra is not installed
+        return None
+    try:
+        index = SimilarityIndex.from_settings(project, settings)
+    except Exception as error:  # embedded storage held by another process, server down …
+        logger.warning("similarity index of project %s not marked stale: %s", project, error)
+        return None
+    try:
+        return index.mark_stale(version)
+    except Exception as error:
+        logger.warning("similarity index of project %s not marked stale: %s", project, error)
+        return None
+    finally:
+        index.close()
 
 
 def retrain(
@@ -365,13 +388,11 @@ def retrain(
     from defect_assist.settings import get_settings
     from rq import get_current_job
 
-    from defect_assist_worker.config import get_worker_settings
-
     project = str(project)
     job = get_current_job()
     if job is not None:
         die_with_parent()
-    settings, worker_settings = get_settings(), get_worker_settings()
+    settings = worker_settings = get_settings()
     progress = JobProgress(job)
     started_at = datetime.now(UTC).isoformat(timespec="milliseconds")
     progress.set(

@@ -22,11 +22,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
+from defect_assist.settings import get_settings
 from rq import Queue, Retry
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
-from defect_assist_worker.config import get_worker_settings
 from defect_assist_worker.queues import RETRAIN_QUEUE, get_connection, project_key
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def _enqueue(
     queue = Queue(RETRAIN_QUEUE, connection=connection)
     common: dict[str, Any] = {
         "kwargs": {"project": project, "reason": reason, "mode": mode, "images": images, "options": options},
-        "job_timeout": get_worker_settings().retrain_job_timeout,
+        "job_timeout": get_settings().retrain_job_timeout,
         "result_ttl": RESULT_TTL,
         "failure_ttl": FAILURE_TTL,
         "retry": RETRY,
@@ -218,7 +218,7 @@ def handle_webhook_event(payload: dict[str, Any], connection: redis.Redis | None
     if action == "START_TRAINING":
         return {"action": action, **request_retrain(project, "START_TRAINING", connection=connection)}
     if action in {"ANNOTATION_CREATED", "ANNOTATION_UPDATED"}:
-        settings = get_worker_settings()
+        settings = get_settings()
         normal, count = count_normal_annotation(project, payload, connection)
         answer: dict[str, Any] = {
             "action": action,

@@ -94,11 +94,19 @@ class Calibration:
 
     @classmethod
     def from_normals(
-        cls, scores: np.ndarray, maps: np.ndarray, image_quantile: float = 0.99, pixel_quantile: float = 0.999,
+        cls,
+        scores: np.ndarray,
+        maps: np.ndarray,
+        image_quantile: float = 0.99,
+        pixel_quantile: float = 0.999,
         source: str = "held-out normals",
     ) -> Calibration:
         image_threshold = float(np.quantile(scores, image_quantile))
-        flat = maps.reshape(-1) if maps.size <= 20_000_000 else np.random.default_rng(0).choice(maps.reshape(-1), 20_000_000)
+        flat = (
+            maps.reshape(-1)
+            if maps.size <= 20_000_000
+            else np.random.default_rng(0).choice(maps.reshape(-1), 20_000_000)
+        )
         pixel_threshold = float(np.quantile(flat, pixel_quantile))
         return cls(
             image_threshold=image_threshold,
@@ -112,7 +120,12 @@ class Calibration:
         )
 
     def normalise_score(self, raw: np.ndarray | float) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-np.clip((np.asarray(raw, np.float64) - self.image_threshold) / self.image_scale, -60, 60)))
+        return 1.0 / (
+            1.0
+            + np.exp(
+                -np.clip((np.asarray(raw, np.float64) - self.image_threshold) / self.image_scale, -60, 60)
+            )
+        )
 
     def normalise_map(self, raw: np.ndarray) -> np.ndarray:
         z = np.clip((raw.astype(np.float32) - self.pixel_threshold) / self.pixel_scale, -60, 60)
@@ -212,7 +225,9 @@ class AnomalyModel(ABC):
 
     # ----------------------------------------------------------------- to implement per model
     @abstractmethod
-    def _fit(self, batches: Callable[[], Iterator[torch.Tensor]], n_images: int, progress: ProgressCallback) -> dict[str, Any]:
+    def _fit(
+        self, batches: Callable[[], Iterator[torch.Tensor]], n_images: int, progress: ProgressCallback
+    ) -> dict[str, Any]:
         """Train on normal images; ``batches()`` yields fresh normalised tensors each call."""
 
     @abstractmethod
@@ -231,7 +246,9 @@ class AnomalyModel(ABC):
         """Like :meth:`_infer`, told which pixels are image (``True``) and which are letterbox padding."""
         return self._infer(tensor)
 
-    def _extend(self, batches: Callable[[], Iterator[torch.Tensor]], n_images: int, progress: ProgressCallback) -> dict[str, Any]:
+    def _extend(
+        self, batches: Callable[[], Iterator[torch.Tensor]], n_images: int, progress: ProgressCallback
+    ) -> dict[str, Any]:
         """Add normal images to a trained model without refitting (models with a memory bank)."""
         raise NotImplementedError(f"{self.kind} does not support incremental updates")
 
@@ -265,7 +282,9 @@ class AnomalyModel(ABC):
         tensor = to_tensor(arrays, self.mean, self.std) if arrays else None
         return LoadedBatch(indices, tensor, placements, errors)
 
-    def _batch_factory(self, sources: Sequence[ImageSource], batch_size: int, strict: bool = True) -> Callable[[], Iterator[torch.Tensor]]:
+    def _batch_factory(
+        self, sources: Sequence[ImageSource], batch_size: int, strict: bool = True
+    ) -> Callable[[], Iterator[torch.Tensor]]:
         def batches() -> Iterator[torch.Tensor]:
             for start in range(0, len(sources), batch_size):
                 loaded = self.load_batch(sources[start : start + batch_size], start)
@@ -308,7 +327,10 @@ class AnomalyModel(ABC):
             scores, maps, source="held-out normals" if holdout else "training normals (fewer than 10 images)"
         )
         if holdout and self.supports_incremental:
-            details |= {"holdout_absorbed": True, **self._extend(self._batch_factory(holdout, batch_size), len(holdout), progress)}
+            details |= {
+                "holdout_absorbed": True,
+                **self._extend(self._batch_factory(holdout, batch_size), len(holdout), progress),
+            }
         fit_seconds = time.perf_counter() - start
         self.metadata = ModelMetadata(
             kind=self.kind,
@@ -325,12 +347,19 @@ class AnomalyModel(ABC):
         )
         return FitReport(len(train), n_holdout, fit_seconds, self.calibration, details)
 
-    def update(self, images: Sequence[ImageSource] | str | Path, batch_size: int = 16, progress: ProgressCallback | None = None) -> dict[str, Any]:
+    def update(
+        self,
+        images: Sequence[ImageSource] | str | Path,
+        batch_size: int = 16,
+        progress: ProgressCallback | None = None,
+    ) -> dict[str, Any]:
         """Incrementally add new normal images (thresholds kept); raises if the model can't."""
         if not self.supports_incremental:
             raise NotImplementedError(f"{self.kind} does not support incremental updates")
         sources = self._readable(_as_sources(images))
-        details = self._extend(self._batch_factory(sources, batch_size), len(sources), progress or (lambda *a: None))
+        details = self._extend(
+            self._batch_factory(sources, batch_size), len(sources), progress or (lambda *a: None)
+        )
         assert self.metadata is not None
         self.metadata.update = "incremental"
         self.metadata.n_train_images += len(sources)
@@ -338,7 +367,9 @@ class AnomalyModel(ABC):
         self.metadata.training_fingerprint = hashlib.sha256(
             (self.metadata.training_fingerprint + fingerprint_sources(sources)).encode()
         ).hexdigest()
-        self.metadata.extra["incremental_images"] = self.metadata.extra.get("incremental_images", 0) + len(sources)
+        self.metadata.extra["incremental_images"] = self.metadata.extra.get("incremental_images", 0) + len(
+            sources
+        )
         return details
 
     @staticmethod
@@ -356,7 +387,11 @@ class AnomalyModel(ABC):
     # ----------------------------------------------------------------- inference
     @torch.no_grad()
     def _raw_outputs(
-        self, sources: Sequence[ImageSource], batch_size: int, progress: ProgressCallback, stage: str = "predict"
+        self,
+        sources: Sequence[ImageSource],
+        batch_size: int,
+        progress: ProgressCallback,
+        stage: str = "predict",
     ) -> tuple[np.ndarray, np.ndarray]:
         """Raw scores and valid-region maps (padding excluded, flattened per image) of readable images."""
         scores, maps = [], []
@@ -370,14 +405,21 @@ class AnomalyModel(ABC):
             batch_maps_np = batch_maps.float().cpu().numpy()
             scores.extend(batch_scores.float().cpu().numpy().tolist())
             for j, placement in enumerate(loaded.placements):
-                region = batch_maps_np[j, placement.top : placement.top + placement.height, placement.left : placement.left + placement.width]
+                region = batch_maps_np[
+                    j,
+                    placement.top : placement.top + placement.height,
+                    placement.left : placement.left + placement.width,
+                ]
                 maps.append(region[::2, ::2].reshape(-1))
             progress(stage, min(start + batch_size, len(sources)), len(sources))
         return np.asarray(scores, dtype=np.float64), np.concatenate(maps) if maps else np.zeros(0, np.float32)
 
     @torch.no_grad()
     def predict(
-        self, images: Sequence[ImageSource] | str | Path, batch_size: int = 8, progress: ProgressCallback | None = None
+        self,
+        images: Sequence[ImageSource] | str | Path,
+        batch_size: int = 8,
+        progress: ProgressCallback | None = None,
     ) -> list[Prediction]:
         """Predict every image; an unreadable one gets a :class:`Prediction` with ``error`` set."""
         if self.calibration is None:
@@ -396,7 +438,9 @@ class AnomalyModel(ABC):
             raw_scores_np = raw_scores.float().cpu().numpy()
             raw_maps_np = raw_maps.float().cpu().numpy()
             for j, index in enumerate(loaded.indices):
-                anomaly_map = self.calibration.normalise_map(map_to_original(raw_maps_np[j], loaded.placements[j]))
+                anomaly_map = self.calibration.normalise_map(
+                    map_to_original(raw_maps_np[j], loaded.placements[j])
+                )
                 score = float(self.calibration.normalise_score(raw_scores_np[j]))
                 result = results[index]
                 result.raw_score = float(raw_scores_np[j])
@@ -412,8 +456,10 @@ class AnomalyModel(ABC):
         return self.predict([image], batch_size=1)[0]
 
     @torch.no_grad()
-    def embed_images(self, images: Sequence[ImageSource], batch_size: int = 8, anomaly_weighted: bool = False) -> tuple[np.ndarray, list[str | None]]:
-        """Embeddings ``(N, D)`` for readable images (rows of unreadable ones are NaN) and per-image errors."""
+    def embed_images(
+        self, images: Sequence[ImageSource], batch_size: int = 8, anomaly_weighted: bool = False
+    ) -> tuple[np.ndarray, list[str | None]]:
+        """Embeddings ``(N, D)`` of readable images (unreadable ones: NaN rows) and per-image errors."""
         sources = _as_sources(images)
         rows: list[np.ndarray | None] = [None] * len(sources)
         errors: list[str | None] = [None] * len(sources)
@@ -423,11 +469,20 @@ class AnomalyModel(ABC):
                 errors[index] = message
             if loaded.tensor is None:
                 continue
-            vectors = self.embed(loaded.tensor.to(self.device), anomaly_weighted=anomaly_weighted).float().cpu().numpy()
+            vectors = (
+                self.embed(loaded.tensor.to(self.device), anomaly_weighted=anomaly_weighted)
+                .float()
+                .cpu()
+                .numpy()
+            )
             for j, index in enumerate(loaded.indices):
                 rows[index] = vectors[j]
         dim = next((r.shape[0] for r in rows if r is not None), 0)
-        matrix = np.stack([r if r is not None else np.full(dim, np.nan, np.float32) for r in rows]) if rows else np.zeros((0, 0))
+        matrix = (
+            np.stack([r if r is not None else np.full(dim, np.nan, np.float32) for r in rows])
+            if rows
+            else np.zeros((0, 0))
+        )
         return matrix.astype(np.float32), errors
 
     # ----------------------------------------------------------------- persistence
@@ -438,7 +493,9 @@ class AnomalyModel(ABC):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.metadata.calibration = asdict(self.calibration)
-        torch.save({"kind": self.kind, "config": self.config, "state": self._state()}, directory / WEIGHTS_FILE)
+        torch.save(
+            {"kind": self.kind, "config": self.config, "state": self._state()}, directory / WEIGHTS_FILE
+        )
         (directory / METADATA_FILE).write_text(json.dumps(asdict(self.metadata), indent=2, default=str))
 
     @classmethod

@@ -147,8 +147,29 @@ def create_app(
         except ValueError as error:
             raise HTTPException(400, str(error)) from None
 
+    _include_optional_routers(app)
+
     @app.get("/webhook/stats")
     def webhook_stats() -> dict[str, Any]:
         return {"counts": dict(model.webhook_counts), "handed_off": len(model.webhook_results)}
 
     return app
+
+
+OPTIONAL_ROUTERS = (
+    ("defect_assist_worker.api", "retraining (POST /retrain, GET /jobs)"),
+    ("defect_assist.similarity.api", "similarity search (GET/POST /similar)"),
+)
+
+
+def _include_optional_routers(app: FastAPI) -> None:
+    """Mount the retraining and similarity endpoints when their extras are installed."""
+    import importlib
+
+    for module_name, what in OPTIONAL_ROUTERS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            logger.info("%s not served: %s", what, error)
+            continue
+        app.include_router(module.router)

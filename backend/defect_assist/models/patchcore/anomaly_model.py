@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 from defect_assist.models.base import AnomalyModel, ProgressCallback
 from defect_assist.models.patchcore.torch_model import FastPatchcoreModel, coverage_select, estimate_radius
@@ -38,16 +38,22 @@ class PatchcoreAnomalyModel(AnomalyModel):
 
     def __init__(self, device: str = "auto", **config: Any) -> None:
         super().__init__(device=device, **config)
-        self.model = FastPatchcoreModel(
-            backbone=self.config["backbone"],
-            layers=self.config["layers"],
-            pretrained=self.config["pretrained"],
-            num_neighbors=self.config["num_neighbors"],
-            anomaly_map_sigma=self.config["anomaly_map_sigma"],
-        ).to(self.device).eval()
+        self.model = (
+            FastPatchcoreModel(
+                backbone=self.config["backbone"],
+                layers=self.config["layers"],
+                pretrained=self.config["pretrained"],
+                num_neighbors=self.config["num_neighbors"],
+                anomaly_map_sigma=self.config["anomaly_map_sigma"],
+            )
+            .to(self.device)
+            .eval()
+        )
 
     # ------------------------------------------------------------------ fitting
-    def _collect(self, batches: Callable[[], Iterator[torch.Tensor]], n_images: int, progress: ProgressCallback) -> np.ndarray:
+    def _collect(
+        self, batches: Callable[[], Iterator[torch.Tensor]], n_images: int, progress: ProgressCallback
+    ) -> np.ndarray:
         chunks, done = [], 0
         for batch in batches():
             embedding = self.model.patch_embedding(batch)
@@ -56,7 +62,9 @@ class PatchcoreAnomalyModel(AnomalyModel):
             progress("features", done, n_images)
         return np.concatenate(chunks)
 
-    def _fit(self, batches: Callable[[], Iterator[torch.Tensor]], n_images: int, progress: ProgressCallback) -> dict[str, Any]:
+    def _fit(
+        self, batches: Callable[[], Iterator[torch.Tensor]], n_images: int, progress: ProgressCallback
+    ) -> dict[str, Any]:
         started = time.perf_counter()
         features = self._collect(batches, n_images, progress)
         extracted = time.perf_counter()
@@ -74,7 +82,9 @@ class PatchcoreAnomalyModel(AnomalyModel):
             "coreset_seconds": round(time.perf_counter() - extracted, 2),
         }
 
-    def _extend(self, batches: Callable[[], Iterator[torch.Tensor]], n_images: int, progress: ProgressCallback) -> dict[str, Any]:
+    def _extend(
+        self, batches: Callable[[], Iterator[torch.Tensor]], n_images: int, progress: ProgressCallback
+    ) -> dict[str, Any]:
         features = self._collect(batches, n_images, progress)
         bank = self.model.memory_bank.float().cpu().numpy()
         selected = coverage_select(features, self.model.radius, bank=bank, seed=len(bank), progress=progress)

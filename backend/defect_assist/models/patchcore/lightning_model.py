@@ -39,15 +39,24 @@ class FastPatchcore(Patchcore):
         if pre_processor is True:
             mean, std = backbones.normalisation(backbone)
             pre_processor = PreProcessor(
-                transform=Compose([Resize((image_size, image_size), antialias=True), Normalize(mean=mean, std=std)])
+                transform=Compose(
+                    [Resize((image_size, image_size), antialias=True), Normalize(mean=mean, std=std)]
+                )
             )
         # the parent builds anomalib's PatchcoreModel without weights (nothing is downloaded) ...
         super().__init__(
-            backbone=backbones.get_spec(backbone).timm_name, layers=layers, pre_trained=False,
-            num_neighbors=num_neighbors, pre_processor=pre_processor, **kwargs,
+            backbone=backbones.get_spec(backbone).timm_name,
+            layers=layers,
+            pre_trained=False,
+            num_neighbors=num_neighbors,
+            pre_processor=pre_processor,
+            **kwargs,
         )
         # ... and it is replaced by the fast model carrying the offline ImageNet weights.
         self.model = FastPatchcoreModel(
-            backbone=backbone, layers=layers, pretrained=pre_trained, num_neighbors=num_neighbors,
+            backbone=backbone,
+            layers=layers,
+            pretrained=pre_trained,
+            num_neighbors=num_neighbors,
             coverage_quantile=coverage_quantile,
         )

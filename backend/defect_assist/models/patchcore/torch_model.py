@@ -23,7 +23,7 @@ import faiss
 import numpy as np
 import torch
 from anomalib.models.image.patchcore.torch_model import PatchcoreModel
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 from defect_assist import backbones
 
@@ -108,7 +108,9 @@ class FastPatchcoreModel(PatchcoreModel):
         coverage_quantile: float = 0.5,
     ) -> None:
         spec = backbones.get_spec(backbone)
-        super().__init__(layers=list(layers), backbone=spec.timm_name, pre_trained=False, num_neighbors=num_neighbors)
+        super().__init__(
+            layers=list(layers), backbone=spec.timm_name, pre_trained=False, num_neighbors=num_neighbors
+        )
         if pretrained:
             backbones.load_into(self.feature_extractor.feature_extractor, backbone)
         if anomaly_map_sigma != 4.0:
@@ -139,13 +141,17 @@ class FastPatchcoreModel(PatchcoreModel):
             self._index = index
         return self._index
 
-    def nearest_neighbors(self, embedding: torch.Tensor, n_neighbors: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def nearest_neighbors(
+        self, embedding: torch.Tensor, n_neighbors: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact nearest neighbours in the memory bank via faiss (distances, indices)."""
         distances, labels = _search(self._faiss_index(), embedding.float().cpu().numpy(), n_neighbors)
         device = embedding.device
         return torch.from_numpy(distances).to(device), torch.from_numpy(labels).to(device)
 
-    def subsample_embedding(self, sampling_ratio: float | None = None, embeddings: torch.Tensor | None = None) -> None:
+    def subsample_embedding(
+        self, sampling_ratio: float | None = None, embeddings: torch.Tensor | None = None
+    ) -> None:
         """Build the memory bank from ``embedding_store`` with the coverage coreset.
 
         Replaces anomalib's k-center greedy (used by the Lightning ``fit`` hook); ``sampling_ratio`` is
@@ -163,7 +169,9 @@ class FastPatchcoreModel(PatchcoreModel):
 
     # --------------------------------------------------------------- inference
     @torch.no_grad()
-    def score(self, images: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def score(
+        self, images: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Image scores ``(B,)``, anomaly maps ``(B, H, W)`` and patch scores ``(B, h, w)``.
 
         ``valid`` (``B x H x W`` bool, optional) marks real image pixels (letterbox padding is
@@ -177,7 +185,9 @@ class FastPatchcoreModel(PatchcoreModel):
         locations = locations.reshape(batch, -1)
         scoring = patch_scores
         if valid is not None:
-            patch_valid = F.adaptive_max_pool2d(valid[:, None].float(), (height, width)).reshape(batch, -1) > 0
+            patch_valid = (
+                F.adaptive_max_pool2d(valid[:, None].float(), (height, width)).reshape(batch, -1) > 0
+            )
             scoring = torch.where(patch_valid, patch_scores, torch.zeros_like(patch_scores))
         image_scores = self.compute_anomaly_score(scoring, locations, flat)
         grid = patch_scores.reshape(batch, 1, height, width)
