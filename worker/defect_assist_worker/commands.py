@@ -54,6 +54,9 @@ def register(app: typer.Typer) -> None:
             int | None, typer.Option(help="Train the first model on at most N normals (default all).")
         ] = None,
         smoke: Annotated[bool, typer.Option("--smoke", help="Exit after the start-up check.")] = False,
+        state_dir: Annotated[
+            Path | None, typer.Option(help="Logs and Label Studio data (default var/stack).")
+        ] = None,
     ) -> None:
         """Run the embedded stack: Redis, a retrain worker, the ML backend and Label Studio if set up."""
         from defect_assist.settings import get_settings
@@ -70,6 +73,8 @@ def register(app: typer.Typer) -> None:
             max_train=max_train,
             smoke=smoke,
         )
+        if state_dir is not None:
+            options.state_dir = state_dir
         raise typer.Exit(run_stack(options))
 
     @app.command("retrain")

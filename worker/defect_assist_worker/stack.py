@@ -6,7 +6,7 @@ any retrain runs), checks that ``/predict`` answers for a normal and a defective
 where everything listens and keeps running until Ctrl-C (``--smoke``: exit after the check).
 
 Label Studio runs when its venv (``.ls-venv``) is present or ``--label-studio`` asks to install it: it
-gets a persistent data dir ``var/label-studio``, a demo project of sample test images served as local
+gets a persistent data dir ``var/stack/label-studio``, a demo project of sample test images served as local
 files, and our backend connected as its ML backend; the model store project is then the LS project id.
 """
 
@@ -158,7 +158,7 @@ def _start_label_studio(stack: Stack) -> None:
     options = stack.options
     stack.say("starting Label Studio (first start of a data dir: ~30 s)")
     executable = ensure_label_studio()
-    home = PROJECT_ROOT / "var" / "label-studio"
+    home = options.state_dir / "label-studio"
     data_dir = home / "data"
     if not (data_dir / "label_studio.sqlite3").exists():
         shutil.rmtree(data_dir, ignore_errors=True)

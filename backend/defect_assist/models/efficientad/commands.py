@@ -22,9 +22,12 @@ def register(app: typer.Typer) -> None:
         backbone: Annotated[
             str, typer.Option(help="Offline ImageNet backbone giving the targets.")
         ] = "tf_efficientnet_lite0",
-        steps: Annotated[int, typer.Option(help="Optimisation steps.")] = 400,
-        batch_size: Annotated[int, typer.Option(help="Crops per step.")] = 4,
+        steps: Annotated[int, typer.Option(help="Optimisation steps.")] = 500,
+        batch_size: Annotated[int, typer.Option(help="Crops per step.")] = 8,
         crop_size: Annotated[int, typer.Option(help="PDN input crop (the backbone sees 2x).")] = 64,
+        context: Annotated[
+            int, typer.Option(help="Pixels of context per side that only the backbone sees (multiple of 4).")
+        ] = 32,
         lr: Annotated[float, typer.Option(help="Adam learning rate (cosine decay).")] = 1e-3,
         seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
         name: Annotated[str | None, typer.Option(help="Cache name under <MODEL_DIR>/_teachers/.")] = None,
@@ -61,6 +64,7 @@ def register(app: typer.Typer) -> None:
             steps=steps,
             batch_size=batch_size,
             crop_size=crop_size,
+            context=context,
             lr=lr,
             seed=seed,
         )

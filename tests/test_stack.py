@@ -1,0 +1,68 @@
+"""The README's main command: the embedded stack (real redis-server, worker, backend, Label Studio)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from defect_assist.store import ModelStore
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_stack_trains_first_model_serves_it_and_connects_label_studio(
+    tmp_path: Path, magnetic_tile: Path, label_studio
+) -> None:
+    env = {
+        **os.environ,
+        "MODEL_DIR": str(tmp_path / "models"),
+        "REDIS_DATA_DIR": str(tmp_path / "redis"),
+        "CACHE_DIR": str(tmp_path / "cache"),
+        "QDRANT_PATH": str(tmp_path / "qdrant"),
+        "MODEL_OPTIONS": json.dumps({"image_size": 96}),
+        "DEVICE": "cpu",
+        "REDIS_URL": "",
+    }
+    command = [
+        sys.executable, "-m", "defect_assist", "stack", "--smoke", "--label-studio",
+        "--data", str(magnetic_tile), "--max-train", "16", "--tasks", "4",
+        "--port", str(_free_port()), "--label-studio-port", str(_free_port()),
+        "--state-dir", str(tmp_path / "stack"),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-5000:]
+    assert "defect-assist stack is up" in output, output[-3000:]
+
+    project = re.search(r"model\s+project (\S+), version (\S+)", output)
+    assert project, output[-3000:]
+    versions = ModelStore(tmp_path / "models").versions(project.group(1))
+    assert [v.version for v in versions] == [project.group(2)]  # trained by the worker, published once
+
+    scores = {
+        kind: float(score) for kind, score in re.findall(r"/predict (\w+)/\S+: score ([0-9.]+)", output)
+    }
+    assert "good" in scores and len(scores) == 2, output[-3000:]
+    defect = next(kind for kind in scores if kind != "good")
+    assert scores[defect] > scores["good"], scores
+
+    predicted = re.search(r"Label Studio project \d+: (\d+) task\(s\) carry predictions", output)
+    assert predicted and int(predicted.group(1)) == 4, output[-3000:]
+    # everything it started is gone: the embedded redis-server's pid file names a dead process
+    pid_file = tmp_path / "redis" / "redis.pid"
+    if pid_file.exists():
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid_file.read_text().strip()), 0)
