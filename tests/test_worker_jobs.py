@@ -71,10 +71,16 @@ def test_train_evaluate_calibrate_publish_full_then_incremental(
     tmp_path: Path, train_normals, magnetic_tile, monkeypatch
 ):
     from defect_assist.settings import Settings
+    from defect_assist.similarity.index import SimilarityIndex
     from defect_assist.store import ModelStore
     from defect_assist_worker.jobs import train_and_publish
 
-    settings = Settings(model_dir=tmp_path / "models", cache_dir=tmp_path / "cache", device="cpu")
+    settings = Settings(
+        model_dir=tmp_path / "models",
+        cache_dir=tmp_path / "cache",
+        qdrant_path=tmp_path / "qdrant",
+        device="cpu",
+    )
     anomalies = []
     for name in sorted((magnetic_tile / "test" / "break").glob("*.jpg"))[:3]:
         mask = (
@@ -95,9 +101,18 @@ def test_train_evaluate_calibrate_publish_full_then_incremental(
     assert meta["calibration"]["source"].startswith("held-out normals + labeled anomalies")
     assert meta["n_train_images"] == 14 and len(meta["extra"]["training_images"]) == 14
 
+    assert full["similarity_stale_points"] is None  # no similarity index yet
+
+    index = SimilarityIndex.from_settings("3", settings)  # one image embedded by v0001
+    index.upsert(np.ones((1, 4)), [{"content_hash": "ab" * 32, "model_version": "v0001-patchcore"}])
+    index.close()
     more = [*normals, *train_normals[14:18]]
     incremental = train_and_publish("3", more, [], settings=settings, mode="auto")
     assert incremental["mode"] == "incremental" and incremental["trained_on"] == 4
+    assert incremental["similarity_stale_points"] == 1  # the retrain marks older embeddings stale
+    index = SimilarityIndex.from_settings("3", settings)
+    assert index.payloads(["ab" * 32])["ab" * 32]["stale"] is True
+    index.close()
     assert store.current("3").metadata["update"] == "incremental"
     assert store.current("3").metadata["n_train_images"] == 18
     relabeled = train_and_publish("3", more[1:], [], settings=settings, mode="auto")  # a trained normal left

@@ -363,6 +363,8 @@ def mark_similarity_index_stale(project: str, version: str, settings: Any) -> in
         from defect_assist.similarity.index import SimilarityIndex
     except ImportError:  # the explore extra is not installed
         return None
+    if not settings.qdrant_url and not Path(settings.qdrant_path).exists():
+        return None  # no embedded index was ever built
     try:
         index = SimilarityIndex.from_settings(project, settings)
     except Exception as error:  # embedded storage held by another process, server down …

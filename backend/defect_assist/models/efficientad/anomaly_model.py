@@ -162,7 +162,7 @@ class EfficientAdAnomalyModel(AnomalyModel):
         best_val, best_state, best_step, checks_without_gain = math.inf, None, 0, 0
         history: list[dict[str, float]] = []
         stop_reason, step, train_started = "max_steps", 0, time.perf_counter()
-        loss_ema = None
+        loss_ema: dict[str, float] = {}
         while step < max_steps:
             if not order:
                 order = torch.randperm(len(train), generator=generator).tolist()
@@ -176,16 +176,24 @@ class EfficientAdAnomalyModel(AnomalyModel):
             optimizer.step()
             scheduler.step()
             step += 1
-            value = float(loss.detach())
-            loss_ema = value if loss_ema is None else 0.98 * loss_ema + 0.02 * value
+            for name, value in (("loss", loss), ("st", loss_st), ("ae", loss_ae), ("stae", loss_stae)):
+                v = float(value.detach())
+                loss_ema[name] = 0.98 * loss_ema[name] + 0.02 * v if name in loss_ema else v
             progress("train", step, max_steps)
             if val and cfg["val_every"] and step % cfg["val_every"] == 0:
                 current = validation_loss(self.model, val)
                 self.model.teacher.eval()
                 history.append(
-                    {"step": step, "train_loss": round(loss_ema, 5), "val_loss": round(current, 5)}
+                    {
+                        "step": step,
+                        "train_loss": round(loss_ema["loss"], 5),
+                        "train_st": round(loss_ema["st"], 5),
+                        "train_ae": round(loss_ema["ae"], 5),
+                        "train_stae": round(loss_ema["stae"], 5),
+                        "val_loss": round(current, 5),
+                    }
                 )
-                logger.info("efficientad step %d: train %.4f val %.4f", step, loss_ema, current)
+                logger.info("efficientad step %d: train %.4f val %.4f", step, loss_ema["loss"], current)
                 if current < best_val * 0.99:
                     best_val, best_step, checks_without_gain = current, step, 0
                     best_state = copy.deepcopy(

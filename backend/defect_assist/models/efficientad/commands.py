@@ -22,8 +22,8 @@ def register(app: typer.Typer) -> None:
         backbone: Annotated[
             str, typer.Option(help="Offline ImageNet backbone giving the targets.")
         ] = "tf_efficientnet_lite0",
-        steps: Annotated[int, typer.Option(help="Optimisation steps.")] = 500,
-        batch_size: Annotated[int, typer.Option(help="Crops per step.")] = 8,
+        steps: Annotated[int, typer.Option(help="Optimisation steps.")] = 400,
+        batch_size: Annotated[int, typer.Option(help="Crops per step.")] = 4,
         crop_size: Annotated[int, typer.Option(help="PDN input crop (the backbone sees 2x).")] = 64,
         context: Annotated[
             int, typer.Option(help="Pixels of context per side that only the backbone sees (multiple of 4).")

@@ -116,8 +116,8 @@ class DistillConfig:
     size: str = "small"
     backbone: str = "tf_efficientnet_lite0"
     data: str = ""  # folder of natural images (searched recursively)
-    steps: int = 500  # CPU default (~12 min on 2 shared cores, niced); use 20k+ on a GPU
-    batch_size: int = 8
+    steps: int = 400  # CPU default (~15 min on 2 shared, loaded cores, niced); use 20k+ on a GPU
+    batch_size: int = 4
     crop_size: int = 64  # PDN input; the backbone sees 2x (crop + 2 * context)
     context: int = 32  # pixels of image around the crop that the backbone (not the PDN) sees; multiple of 4
     lr: float = 1e-3
@@ -125,7 +125,7 @@ class DistillConfig:
     seed: int = 0
     holdout_fraction: float = 0.1
     stat_images: int = 64  # images used to estimate the target channel statistics
-    checkpoint_every: int = 100
+    checkpoint_every: int = 50
 
     def fingerprint(self) -> str:
         relevant = {k: v for k, v in asdict(self).items() if k != "checkpoint_every"}
