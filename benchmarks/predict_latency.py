@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import uvicorn
+
 from defect_assist.models import create_model
 from defect_assist.server import create_app
 from defect_assist.settings import Settings, resolve_device

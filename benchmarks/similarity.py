@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from defect_assist.models import create_model, load_model
 from defect_assist.similarity.embedding import WEIGHTS, SimilarityEmbedder, combine
 from defect_assist.similarity.index import SimilarityIndex, _payload, content_hash

@@ -50,6 +50,7 @@ def test_images(magnetic_tile: Path) -> dict[str, list[Path]]:
 def small_patchcore(train_normals: list[Path]):
     """A PatchCore fitted on 24 normals at 128 px (shared by the tests that only read it)."""
     import torch
+
     from defect_assist.models import create_model
 
     torch.manual_seed(0)

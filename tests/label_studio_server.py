@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from defect_assist.local_label_studio import (
     CONFIG,
     DATASETS,

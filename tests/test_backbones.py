@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from defect_assist import backbones
 from defect_assist.images import load_image
 

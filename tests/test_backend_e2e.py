@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 import pytest
 import uvicorn
+from label_studio_server import PASSWORD, USER, LabelStudioProject, free_port
+from PIL import Image
+
 from defect_assist.label_studio import rle_to_mask
 from defect_assist.server import create_app
 from defect_assist.settings import Settings
 from defect_assist.store import ModelStore
-from label_studio_server import PASSWORD, USER, LabelStudioProject, free_port
-from PIL import Image
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,13 +10,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from typer.testing import CliRunner
+
 from defect_assist.label_studio import rle_to_mask
 from defect_assist.server import create_app
 from defect_assist.settings import Settings
 from defect_assist.store import ModelStore
-from fastapi.testclient import TestClient
-from PIL import Image
-from typer.testing import CliRunner
 
 CONFIG = (
     Path(__file__).resolve().parents[1] / "backend/defect_assist/server/labeling_config.xml"

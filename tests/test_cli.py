@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from defect_assist.cli import app
 from PIL import Image
 from typer.testing import CliRunner
+
+from defect_assist.cli import app
 
 runner = CliRunner()
 

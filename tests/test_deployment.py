@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 import yaml
+from typer.main import get_command
+
 from defect_assist.cli import app
 from defect_assist.settings import Settings
-from typer.main import get_command
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = ("backend", "worker", "fiftyone")

@@ -27,6 +27,8 @@ os.environ.setdefault("FIFTYONE_DEFAULT_APP_ADDRESS", "127.0.0.1")
 
 fo = pytest.importorskip("fiftyone")
 import fiftyone.operators as foo  # noqa: E402
+from qdrant_client import QdrantClient  # noqa: E402
+
 from defect_assist.explore.fiftyone_dataset import SIMILARITY_KEY, VISUALIZATION_KEY, build_dataset  # noqa: E402
 from defect_assist.explore.label_studio_tasks import build_tasks  # noqa: E402
 from defect_assist.explore.qdrant_backend import QdrantLocalSimilarityIndex  # noqa: E402
@@ -36,7 +38,6 @@ from defect_assist.similarity.embedding import SimilarityEmbedder  # noqa: E402
 from defect_assist.similarity.index import SimilarityIndex, update_index  # noqa: E402
 from defect_assist.similarity.mvtec import walk_folder  # noqa: E402
 from defect_assist.store import ModelStore  # noqa: E402
-from qdrant_client import QdrantClient  # noqa: E402
 
 PROJECT = "fo"
 PLUGIN = "@defect-assist/defect_assist"

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from defect_assist.images import ImageLoadError, collect_images, load_image
 from PIL import Image
+
+from defect_assist.images import ImageLoadError, collect_images, load_image
 
 
 def _encode(image: Image.Image, fmt: str) -> bytes:

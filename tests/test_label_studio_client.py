@@ -10,6 +10,7 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
+
 from defect_assist.label_studio import (
     ControlSpec,
     LabelConfigError,

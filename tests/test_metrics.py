@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from defect_assist.evaluation import f1_at, f1_max, image_auroc, pixel_aupro
 from scipy import ndimage
 from sklearn.metrics import f1_score, precision_recall_curve, roc_auc_score, roc_curve
+
+from defect_assist.evaluation import f1_at, f1_max, image_auroc, pixel_aupro
 
 
 @pytest.fixture

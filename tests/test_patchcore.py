@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from defect_assist.models import create_model, load_model
 from defect_assist.models.patchcore.torch_model import coverage_select, estimate_radius
-from PIL import Image
 
 
 def test_predictions_have_original_size_and_consistent_verdicts(small_patchcore, test_images) -> None:
@@ -119,6 +120,7 @@ def test_unknown_option_is_rejected() -> None:
 def test_lightning_wrapper_runs_anomalib_steps() -> None:
     """The anomalib Lightning module builds its bank with the coverage coreset and scores batches."""
     from anomalib.data import ImageBatch
+
     from defect_assist.models.patchcore.lightning_model import FastPatchcore
 
     torch.manual_seed(0)

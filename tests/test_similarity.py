@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
+
 from defect_assist.models import create_model
 from defect_assist.similarity.embedding import SimilarityEmbedder, verdict_vector
 from defect_assist.similarity.index import SimilarityIndex, content_hash, query_similar, update_index
 from defect_assist.similarity.mvtec import walk_folder
 from defect_assist.store import ModelStore
-from typer.testing import CliRunner
 
 PROJECT = "sim"
 
@@ -147,10 +148,11 @@ def test_cli_index_and_similar_json(tile_folder: Path, store: ModelStore, tmp_pa
 
 
 def test_http_similar_endpoint(tile_folder: Path, store: ModelStore, tmp_path: Path, monkeypatch) -> None:
-    from defect_assist.settings import get_settings
-    from defect_assist.similarity.api import router
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
+
+    from defect_assist.settings import get_settings
+    from defect_assist.similarity.api import router
 
     monkeypatch.setenv("MODEL_DIR", str(store.root))
     monkeypatch.setenv("QDRANT_PATH", str(tmp_path / "q"))

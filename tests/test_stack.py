@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from defect_assist.local_label_studio import ensure_label_studio, template_data_dir
 from defect_assist.store import ModelStore
 
 pytestmark = pytest.mark.e2e
@@ -23,9 +26,8 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_stack_trains_first_model_serves_it_and_connects_label_studio(
-    tmp_path: Path, magnetic_tile: Path, label_studio
-) -> None:
+def test_stack_trains_first_model_and_connects_label_studio(tmp_path: Path, magnetic_tile: Path) -> None:
+    template_data_dir(ensure_label_studio())  # install Label Studio once (cached in .ls-venv)
     env = {
         **os.environ,
         "MODEL_DIR": str(tmp_path / "models"),
@@ -42,9 +44,16 @@ def test_stack_trains_first_model_serves_it_and_connects_label_studio(
         "--port", str(_free_port()), "--label-studio-port", str(_free_port()),
         "--state-dir", str(tmp_path / "stack"),
     ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-5000:]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
+    )
+    try:
+        output, _ = process.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGTERM)  # the stack stops its children on SIGTERM
+        output, _ = process.communicate(timeout=60)
+        pytest.fail(f"the stack did not finish its smoke check:\n{output[-5000:]}")
+    assert process.returncode == 0, output[-5000:]
     assert "defect-assist stack is up" in output, output[-3000:]
 
     project = re.search(r"model\s+project (\S+), version (\S+)", output)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from defect_assist.models.base import METADATA_FILE
 from defect_assist.store import CURRENT_FILE, ModelStore, StoreError
 

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 from rq.job import Job
-from worker_support import WorkerProcess, pid_alive, wait_for
+from worker_support import WorkerProcess, wait_for
+
+from defect_assist_worker.redis_server import pid_alive
 
 pytestmark = pytest.mark.e2e
 
@@ -204,9 +206,10 @@ def test_label_studio_unreachable_is_retried_with_backoff(worker_env):
 
 
 def test_http_router_requests_retrain_and_lists_jobs(worker_env, train_normals):
-    from defect_assist_worker.api import router
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
+
+    from defect_assist_worker.api import router
 
     app = FastAPI()
     app.include_router(router)

@@ -212,6 +212,7 @@ def evaluate_category(
         "n_test": len(labels),
         "n_test_anomalous": int(labels_np.sum()),
         "fit_details": report.details,
+        "model_config": {k: v for k, v in model.config.items() if isinstance(v, str | int | float | list)},
     }
     if maps:
         map_stack, mask_stack = torch.stack(maps), torch.stack(masks)
@@ -251,7 +252,8 @@ def evaluate_dataset(
         else math.nan
         for key in METRIC_KEYS
     }
-    config = {**model_class(model_kind).default_config, **options}
+    fitted = [r["model_config"] for r in per_category.values() if r.get("model_config")]
+    config = fitted[0] if fitted else {**model_class(model_kind).default_config, **options}
     return {
         "categories": per_category,
         "mean": mean,

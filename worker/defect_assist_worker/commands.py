@@ -60,7 +60,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run the embedded stack: Redis, a retrain worker, the ML backend and Label Studio if set up."""
         from defect_assist.settings import get_settings
-
         from defect_assist_worker.stack import StackOptions, run_stack
 
         options = StackOptions(
@@ -167,7 +166,6 @@ def register(app: typer.Typer) -> None:
         import os
 
         from defect_assist.settings import get_settings
-
         from defect_assist_worker.redis_server import RedisServer
 
         settings = get_settings()

@@ -387,8 +387,9 @@ def retrain(
     options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The rq job body. ``images`` (local normal images) bypasses Label Studio (FiftyOne, tests)."""
-    from defect_assist.settings import get_settings
     from rq import get_current_job
+
+    from defect_assist.settings import get_settings
 
     project = str(project)
     job = get_current_job()

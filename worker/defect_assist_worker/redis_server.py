@@ -174,9 +174,9 @@ class RedisServer:
             with contextlib.suppress(redis.ConnectionError, redis.ResponseError):
                 redis.Redis.from_url(url).shutdown(nosave=True)  # AOF is already fsynced
         deadline = time.monotonic() + timeout
-        while pid and _alive(pid) and time.monotonic() < deadline:
+        while pid and pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if pid and _alive(pid):
+        if pid and pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
         if self.process is not None:
             self.process.wait(timeout=timeout)
@@ -185,17 +185,18 @@ class RedisServer:
     def kill(self) -> None:
         """``kill -9`` the server (tests: a crash, not a clean shutdown)."""
         pid = self.pid()
-        if pid and _alive(pid):
+        if pid and pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
         if self.process is not None:
             self.process.wait(timeout=10)
             self.process = None
         else:
-            while pid and _alive(pid):
+            while pid and pid_alive(pid):
                 time.sleep(0.05)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
 from defect_assist.settings import PROJECT_ROOT, Settings
 
 DEMO_TITLE = "defect-assist demo"
@@ -197,8 +198,9 @@ def _connect_backend(stack: Stack, backend_url: str) -> None:
 
 def _ensure_model(stack: Stack, redis_url: str) -> str:
     import redis
-    from defect_assist.store import ModelStore
+    from rq.job import Job, JobStatus
 
+    from defect_assist.store import ModelStore
     from defect_assist_worker.triggers import request_retrain
 
     store = ModelStore(stack.settings.model_dir)
@@ -214,22 +216,20 @@ def _ensure_model(stack: Stack, redis_url: str) -> str:
         stack.project, "stack: first model", images=[str(p) for p in train], connection=connection
     )
     stack.say(f"project {stack.project} has no model: retrain job {answer['job_id']} on {len(train)} normals")
-    from rq.job import Job
-
     last = ""
     while True:
         stack.check_children()
         job = Job.fetch(answer["job_id"], connection=connection)
-        status = str(job.get_status())
-        line = f"  {status} {job.meta.get('stage', '')} {job.meta.get('percent', 0):.0f}%"
+        status = job.get_status()
+        line = f"{status.value} {job.meta.get('stage', '')} {job.meta.get('percent', 0):.0f}%"
         if line != last:
-            stack.say(line.strip())
+            stack.say(line)
             last = line
-        if status.endswith("finished"):
+        if status == JobStatus.FINISHED:
             break
-        if status.endswith(("failed", "stopped", "canceled")):
+        if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
             raise RuntimeError(f"first training failed: {job.meta.get('error') or job.exc_info}")
-        time.sleep(2)
+        time.sleep(1)
     version = store.current_version(stack.project)
     if not version:
         raise RuntimeError("the retrain job finished without publishing a version")

@@ -22,11 +22,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
-from defect_assist.settings import get_settings
 from rq import Queue, Retry
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
+from defect_assist.settings import get_settings
 from defect_assist_worker.queues import RETRAIN_QUEUE, get_connection, project_key
 
 logger = logging.getLogger(__name__)

@@ -21,18 +21,9 @@ from rq.registry import StartedJobRegistry
 from rq.worker import SpawnWorker, Worker
 
 from defect_assist_worker.queues import QUEUES, get_connection
+from defect_assist_worker.redis_server import pid_alive
 
 logger = logging.getLogger(__name__)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _worker_dead(connection: redis.Redis, worker_name: str | None) -> bool:
@@ -42,7 +33,7 @@ def _worker_dead(connection: redis.Redis, worker_name: str | None) -> bool:
     worker = Worker.find_by_key(Worker.redis_worker_namespace_prefix + worker_name, connection=connection)
     if worker is None:
         return True
-    if worker.hostname == socket.gethostname() and worker.pid and not _pid_alive(worker.pid):
+    if worker.hostname == socket.gethostname() and worker.pid and not pid_alive(worker.pid):
         worker.register_death()
         return True
     return False

@@ -29,9 +29,9 @@ class PatchcoreAnomalyModel(AnomalyModel):
         "layers": ["blocks.2", "blocks.4"],
         "image_size": 256,
         "resize": "letterbox",
-        "coverage_quantile": 0.5,
+        "coverage_quantile": 0.9,
         "num_neighbors": 9,
-        "anomaly_map_sigma": 4.0,
+        "anomaly_map_sigma": 8.0,
         "max_bank": 200_000,
         "pretrained": True,
     }

@@ -30,7 +30,7 @@ class FastPatchcore(Patchcore):
         backbone: str = "tf_efficientnet_lite0",
         layers: Sequence[str] = ("blocks.2", "blocks.4"),
         pre_trained: bool = True,
-        coverage_quantile: float = 0.5,
+        coverage_quantile: float = 0.9,
         num_neighbors: int = 9,
         image_size: int = 256,
         pre_processor: PreProcessor | bool = True,

@@ -104,8 +104,8 @@ class FastPatchcoreModel(PatchcoreModel):
         layers: Sequence[str] = ("blocks.2", "blocks.4"),
         pretrained: bool = True,
         num_neighbors: int = 9,
-        anomaly_map_sigma: float = 4.0,
-        coverage_quantile: float = 0.5,
+        anomaly_map_sigma: float = 8.0,
+        coverage_quantile: float = 0.9,
     ) -> None:
         spec = backbones.get_spec(backbone)
         super().__init__(
