@@ -85,7 +85,15 @@ def main() -> None:
         "image_size": args.image_size,
     }
     try:
-        time.sleep(3)  # the worker is listening (its own start is not part of the figure)
+        import redis
+        from rq import Worker
+
+        connection = redis.Redis.from_url(url)
+        deadline = time.monotonic() + 300
+        while not Worker.count(connection=connection):  # its own start is not part of the figure
+            if time.monotonic() > deadline or worker.poll() is not None:
+                raise RuntimeError(f"the worker did not start; see {tmp / 'worker.log'}")
+            time.sleep(0.2)
         started = time.perf_counter()
         request_retrain("bench", "benchmark full", mode="full", images=[str(p) for p in normals])
         first = wait_version(store, "bench", None, args.timeout)

@@ -13,6 +13,9 @@ are replaced because anomalib's versions do not finish on a CPU in minutes:
   neighbour among other sampled patches (see :func:`estimate_radius`). The selection is
   incremental by construction: new normal images are added by the same rule without refitting.
 * **Nearest-neighbour search** — exact L2 search with faiss (BLAS) instead of chunked torch matmuls.
+
+The anomaly map is anomalib's (nearest upsampling, Gaussian blur) computed as a normalised
+convolution over the image's own pixels when the input was letterboxed (:meth:`valid_smoothing`).
 """
 
 from __future__ import annotations
@@ -191,5 +194,19 @@ class FastPatchcoreModel(PatchcoreModel):
             scoring = torch.where(patch_valid, patch_scores, torch.zeros_like(patch_scores))
         image_scores = self.compute_anomaly_score(scoring, locations, flat)
         grid = patch_scores.reshape(batch, 1, height, width)
-        anomaly_map = self.anomaly_map_generator(grid, images.shape[-2:])
+        if valid is None:
+            anomaly_map = self.anomaly_map_generator(grid, images.shape[-2:])
+        else:
+            anomaly_map = self.valid_smoothing(grid, valid)
         return image_scores, anomaly_map[:, 0], grid[:, 0]
+
+    def valid_smoothing(self, grid: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """anomalib's map (nearest upsampling + Gaussian blur) as a normalised convolution over image pixels.
+
+        ``blur(map * valid) / blur(valid)``: letterbox padding (scored low, being in every training
+        image) does not dilute the scores along the image border.
+        """
+        upsampled = F.interpolate(grid, size=valid.shape[-2:])
+        weights = valid[:, None].to(upsampled.dtype)
+        blur = self.anomaly_map_generator.blur
+        return blur(upsampled * weights) / blur(weights).clamp_min(1e-6) * weights
