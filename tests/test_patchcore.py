@@ -92,9 +92,12 @@ def test_incremental_update_adds_patches_and_keeps_threshold(train_normals, magn
     assert max(scores) <= model.model.radius * 1.01
 
 
-def test_coverage_select_guarantees_radius() -> None:
+@pytest.mark.parametrize("n_features", [3000, 12000], ids=["flat-index", "ivf-index"])
+def test_coverage_select_guarantees_radius(n_features: int) -> None:
     rng = np.random.default_rng(0)
-    features = rng.normal(size=(3000, 16)).astype(np.float32)
+    centres = rng.normal(scale=4.0, size=(40, 16))
+    features = centres[rng.integers(0, 40, n_features)] + rng.normal(size=(n_features, 16))
+    features = features.astype(np.float32)
     radius = estimate_radius(features, 0.5)
     selected = coverage_select(features, radius, chunk=500)
     assert 0 < len(selected) < len(features)

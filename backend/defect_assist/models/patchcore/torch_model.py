@@ -57,9 +57,16 @@ def coverage_select(
     chunk: int = 4096,
     progress: ProgressCallback | None = None,
 ) -> np.ndarray:
-    """Indices of ``features`` to add to ``bank`` so that every feature is within ``radius`` of it."""
+    """Indices of ``features`` to add to ``bank`` so that every feature is within ``radius`` of it.
+
+    Coverage is checked with an inverted-file index (:func:`_coverage_index`): its search is
+    approximate, but a neighbour it returns is at its true distance, so a miss can only add a
+    redundant bank patch — the guarantee holds exactly.
+    """
     dim = features.shape[1]
-    index = faiss.IndexFlatL2(dim)
+    rng = np.random.default_rng(seed)
+    sample = features[rng.choice(len(features), size=min(len(features), 50_000), replace=False)]
+    _quantizer, index = _coverage_index(dim, np.ascontiguousarray(sample, dtype=np.float32))
     if bank is not None and len(bank):
         index.add(np.ascontiguousarray(bank, dtype=np.float32))
     order = np.random.default_rng(seed).permutation(len(features))
@@ -79,6 +86,24 @@ def coverage_select(
         if progress:
             progress("coreset", min(start + chunk, len(order)), len(order))
     return np.concatenate(selected) if selected else np.zeros(0, dtype=np.int64)
+
+
+COVERAGE_NPROBE = 8  # inverted lists searched per query
+
+
+def _coverage_index(dim: int, sample: np.ndarray) -> tuple[faiss.Index | None, faiss.Index]:
+    """A flat index for small inputs, else IVF-flat (up to 256 k-means lists trained on ``sample``).
+
+    Returns ``(quantizer, index)``; the caller keeps the quantizer alive while using the index.
+    """
+    lists = min(256, len(sample) // 200)
+    if lists < 32:
+        return None, faiss.IndexFlatL2(dim)
+    quantizer = faiss.IndexFlatL2(dim)
+    index = faiss.IndexIVFFlat(quantizer, dim, lists)
+    index.train(sample)
+    index.nprobe = COVERAGE_NPROBE
+    return quantizer, index
 
 
 def _leaders(block: torch.Tensor, squared_radius: float) -> np.ndarray:
