@@ -141,6 +141,8 @@ class FastPatchcoreModel(PatchcoreModel):
         )
         if pretrained:
             backbones.load_into(self.feature_extractor.feature_extractor, backbone)
+        # channels-last runs the depthwise convolutions of EfficientNet ~1.6x faster on CPU (oneDNN)
+        self.feature_extractor.to(memory_format=torch.channels_last)
         if anomaly_map_sigma != 4.0:
             from anomalib.models.image.patchcore.anomaly_map import AnomalyMapGenerator
 
@@ -153,7 +155,7 @@ class FastPatchcoreModel(PatchcoreModel):
     @torch.no_grad()
     def patch_embedding(self, images: torch.Tensor) -> torch.Tensor:
         """Locally aware patch features ``(B, D, h, w)`` (anomalib's pooling + layer concatenation)."""
-        features = self.feature_extractor(images)
+        features = self.feature_extractor(images.contiguous(memory_format=torch.channels_last))
         features = {layer: self.feature_pooler(feature) for layer, feature in features.items()}
         return self.generate_embedding(features)
 
