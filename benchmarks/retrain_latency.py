@@ -6,9 +6,13 @@ store's ``current`` pointer names the new version (what the backend hot-swaps to
 for an incremental PatchCore update with 50 new normals.
 
     .venv/bin/python benchmarks/retrain_latency.py [--normals 650] [--new 50] [--image-size 256]
+    .venv/bin/python benchmarks/retrain_latency.py --label-studio      # the whole loop through LS
 
 Images come from ``DATASETS_DIR/magnetic_tile`` (train/good, then test/good for the new ones) and
-are handed to the job as local files (the Label Studio export/download stage is not included).
+are handed to the job as local files. With ``--label-studio`` a real Label Studio holds them instead
+(a project of local-files tasks, each annotated "normal" through the API before the clock starts)
+and the job does what *Start training* makes it do: export the annotations, download every image
+over HTTP into the content-addressed cache, train, calibrate, publish (no incremental figure then).
 """
 
 from __future__ import annotations
@@ -36,6 +40,41 @@ def wait_version(store, project: str, previous: str | None, timeout: float) -> s
     raise TimeoutError(f"no new version of {project} within {timeout:.0f}s")
 
 
+def label_studio_project(normals: list[Path], tmp: Path) -> tuple[object, str]:
+    """A running Label Studio with a project of ``normals`` (local files), each annotated "normal"."""
+    import shutil
+
+    from defect_assist.local_label_studio import (
+        CONFIG,
+        ensure_label_studio,
+        free_port,
+        start_label_studio,
+        template_data_dir,
+    )
+
+    executable = ensure_label_studio()
+    shutil.copytree(template_data_dir(executable), tmp / "ls-data")
+    root = normals[0].parent
+    server = start_label_studio(
+        executable, tmp, tmp / "ls-data", free_port(), tmp / "label-studio.log", document_root=root.parent
+    )
+    project = server.create_project("retrain benchmark", CONFIG.read_text())
+    names = {p.name for p in normals}
+    server.import_local_files(project, root)
+    annotated = 0
+    for task in server.tasks(project):
+        if str(next(iter(task["data"].values()))).rsplit("/", 1)[-1] not in names:
+            continue
+        server.client.post(
+            f"/api/tasks/{task['id']}/annotations",
+            {"result": [{"from_name": "verdict", "to_name": "image", "type": "choices",
+                         "value": {"choices": ["normal"]}}]},
+        )  # fmt: skip
+        annotated += 1
+    print(f"Label Studio project {project}: {annotated} tasks annotated normal", flush=True)
+    return server, str(project)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -46,6 +85,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument("--label-studio", action="store_true", help="train from a real Label Studio project")
     args = parser.parse_args()
 
     datasets = Path(os.environ.get("DATASETS_DIR", ROOT.parent / "shared" / "datasets")) / "magnetic_tile"
@@ -70,6 +110,11 @@ def main() -> None:
     from defect_assist.store import ModelStore
     from defect_assist_worker.triggers import request_retrain
 
+    project, label_studio = "bench", None
+    if args.label_studio:
+        label_studio, project = label_studio_project(normals, tmp)
+        env |= {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token}
+        os.environ.update(env)
     get_settings.cache_clear()
     store = ModelStore(tmp / "models")
     log = open(tmp / "worker.log", "wb")  # noqa: SIM115 - lives as long as the worker
@@ -95,22 +140,32 @@ def main() -> None:
                 raise RuntimeError(f"the worker did not start; see {tmp / 'worker.log'}")
             time.sleep(0.2)
         started = time.perf_counter()
-        request_retrain("bench", "benchmark full", mode="full", images=[str(p) for p in normals])
-        first = wait_version(store, "bench", None, args.timeout)
+        if label_studio is not None:
+            request_retrain(project, "START_TRAINING", mode="full")  # what the LS webhook hands off
+        else:
+            request_retrain(project, "benchmark full", mode="full", images=[str(p) for p in normals])
+        first = wait_version(store, project, None, args.timeout)
         full_s = time.perf_counter() - started
-        meta = store.current("bench").metadata
+        meta = store.current(project).metadata
         figures |= {
             "full_images": len(normals),
             "full_s": round(full_s, 1),
             "full_fit_s": meta.get("fit_seconds"),
             "full_version": first,
             "device": meta["extra"].get("device"),
+            "source": meta["extra"].get("source"),
         }
         print(
             f"Start training → new version served: {full_s:.1f} s  ({len(normals)} normals, full PatchCore, "
-            f"fit {meta.get('fit_seconds')} s, device {meta['extra'].get('device')})",
+            f"fit {meta.get('fit_seconds')} s, device {meta['extra'].get('device')}, "
+            f"images from {meta['extra'].get('source')})",
             flush=True,
         )
+        if label_studio is not None:
+            print(json.dumps(figures))
+            if args.json:
+                args.json.write_text(json.dumps(figures, indent=2))
+            return
 
         started = time.perf_counter()
         request_retrain(
@@ -137,6 +192,10 @@ def main() -> None:
         worker.terminate()
         worker.wait(timeout=30)
         server.stop()
+        if label_studio is not None:
+            from defect_assist.local_label_studio import stop_label_studio
+
+            stop_label_studio(label_studio)
 
 
 if __name__ == "__main__":

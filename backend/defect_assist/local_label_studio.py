@@ -29,7 +29,7 @@ LS_VERSION = "1.23.2"
 ROOT = PROJECT_ROOT
 LS_VENV = Path(os.environ.get("LABEL_STUDIO_VENV", ROOT / ".ls-venv"))
 DATASETS = Path(os.environ.get("DATASETS_DIR", ROOT.parent / "shared" / "datasets"))
-CONFIG = ROOT / "backend" / "defect_assist" / "server" / "labeling_config.xml"
+CONFIG = Path(__file__).resolve().parent / "server" / "labeling_config.xml"  # the recommended config
 USER, PASSWORD, TOKEN = "admin@example.com", "defect-assist-e2e", "0123456789abcdef0123456789abcdef01234567"
 
 

@@ -237,13 +237,20 @@ def _ensure_model(stack: Stack, redis_url: str) -> str:
 
 
 def _smoke_predict(stack: Stack, backend_url: str) -> None:
+    """One normal and one defective sample through ``/predict`` (with the recommended labeling config)."""
+    from defect_assist.local_label_studio import CONFIG
+
     _, normals, defects = sample_images(stack.options.data)
     samples = _spread(normals, 1) + _spread(defects, 1)
     if not samples:
         return
     tasks = [{"id": i + 1, "data": {"image": str(p.resolve())}} for i, p in enumerate(samples)]
     answer = (
-        httpx.post(f"{backend_url}/predict", json={"tasks": tasks, "project": stack.project}, timeout=300)
+        httpx.post(
+            f"{backend_url}/predict",
+            json={"tasks": tasks, "project": stack.project, "label_config": CONFIG.read_text()},
+            timeout=300,
+        )
         .raise_for_status()
         .json()
     )
