@@ -12,6 +12,7 @@ import json
 import time
 
 import torch
+
 from defect_assist.models.efficientad.torch_model import build_model
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from defect_assist.models.efficientad import teacher as teacher_mod
 from defect_assist.models.efficientad.teacher import DistillConfig, TeacherInfo, distill_teacher
 
@@ -49,6 +50,31 @@ def test_tiny_teacher_loads_into_anomalib_pdn(tiny_teacher: TeacherInfo) -> None
     provenance = json.loads(tiny_teacher.path.with_name("provenance.json").read_text())
     assert provenance["config"]["steps"] == 4 and provenance["backbone"] == "tf_efficientnet_lite0"
     assert provenance["n_heldout_images"] > 0 and np.isfinite(provenance["heldout_regression_error"])
+    assert provenance["config"]["context"] == 32 and [h["step"] for h in provenance["history"]] == [0, 2, 4]
+
+
+def test_context_targets_align_with_pdn_output() -> None:
+    """The backbone sees crop + context; the targets are the centre cells, on the PDN's output grid."""
+    targets = teacher_mod.BackboneTargets(pretrained=False, context=16)
+    crops, target = targets.split(torch.rand(2, 3, 96, 96))
+    assert crops.shape == (2, 3, 64, 64) and target.shape == (2, targets.channels, 16, 16)
+    net = teacher_mod.DistillationNet("small", targets.channels)
+    assert net(crops).shape == target.shape
+    with pytest.raises(ValueError):
+        teacher_mod.BackboneTargets(pretrained=False, context=6)
+
+
+@pytest.mark.parametrize("size", ["small", "medium"])
+def test_folded_teacher_keeps_the_adapter_geometry(size: str) -> None:
+    """Folding the adapter into the last layer: anomalib's keys/shapes, same pairwise distances."""
+    net = teacher_mod.DistillationNet(size, 40).eval()
+    pdn = teacher_mod.build_pdn(size, padding=True).eval()
+    pdn.load_state_dict(teacher_mod.folded_teacher_state(net, seed=0), strict=True)
+    with torch.no_grad():
+        x = torch.rand(2, 3, 64, 64)
+        a, b = net(x).flatten(2).transpose(1, 2), pdn(x).flatten(2).transpose(1, 2)
+    assert b.shape[-1] == 384
+    assert torch.allclose(torch.cdist(a, a), torch.cdist(b, b), atol=1e-3)
 
 
 def test_distillation_is_seeded_and_resumes(

@@ -22,12 +22,15 @@ def register(app: typer.Typer) -> None:
         backbone: Annotated[
             str, typer.Option(help="Offline ImageNet backbone giving the targets.")
         ] = "tf_efficientnet_lite0",
-        steps: Annotated[int, typer.Option(help="Optimisation steps.")] = 400,
+        steps: Annotated[int, typer.Option(help="Optimisation steps.")] = 1600,
         batch_size: Annotated[int, typer.Option(help="Crops per step.")] = 4,
         crop_size: Annotated[int, typer.Option(help="PDN input crop (the backbone sees 2x).")] = 64,
         context: Annotated[
             int, typer.Option(help="Pixels of context per side that only the backbone sees (multiple of 4).")
         ] = 32,
+        target_strides: Annotated[
+            str, typer.Option(help="Backbone blocks to regress: 8, 16 or 8+16 (stride).")
+        ] = "8",
         lr: Annotated[float, typer.Option(help="Adam learning rate (cosine decay).")] = 1e-3,
         seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
         name: Annotated[str | None, typer.Option(help="Cache name under <MODEL_DIR>/_teachers/.")] = None,
@@ -65,6 +68,7 @@ def register(app: typer.Typer) -> None:
             batch_size=batch_size,
             crop_size=crop_size,
             context=context,
+            target_strides=target_strides,
             lr=lr,
             seed=seed,
         )

@@ -6,17 +6,21 @@ anomalib downloads that teacher; offline we distil our own:
 
 * **Targets.** The offline EfficientNet-Lite weights (``tf_efficientnet_lite0`` by default), run on
   the crop upsampled 2x (as the paper feeds 512 px to WideResNet-101 for a 256 px PDN input), so
-  the backbone's stride-8 grid equals the PDN's stride-4 output grid. Features of the stride-8
-  block (40 ch for Lite0) and the stride-16 block (112 ch, bilinearly upsampled to the stride-8
-  grid) are locally averaged (3x3, PatchCore's aggregation), concatenated and standardised per
-  channel (statistics estimated on the distillation images) -> 152 target channels.
+  the backbone's stride-8 grid equals the PDN's stride-4 output grid. By default the stride-8 block
+  (40 ch for Lite0; its receptive field matches the small PDN's) is regressed; ``target_strides="8+16"``
+  adds the stride-16 block (112 ch, bilinearly upsampled). Features are locally averaged (3x3,
+  PatchCore's aggregation) and standardised per channel (statistics from the distillation images).
+* **Context.** The backbone sees the crop plus ``context`` pixels of image on every side and the
+  targets are the centre cells, so small crops get the targets of the same region inside a whole
+  image rather than features dominated by the backbone's zero padding.
 * **Channel matching.** The PDN keeps anomalib's 384 output channels (so the weights load into
-  anomalib unchanged); a learned 1x1 convolution (384 -> 152, discarded after distillation) maps
-  its output onto the targets. Output components in the adapter's null space receive no direct
-  loss; they stay linear mixtures of the trained conv3 features.
+  anomalib unchanged); a learned 1x1 convolution (384 -> targets) maps its output onto the targets.
+  After distillation it is folded into the PDN's last linear convolution (:func:`folded_teacher_state`),
+  so all 384 outputs span the regressed target space.
 * **Training.** Padded PDN (``padding=True``, as in the reference pretraining), random resized crops,
-  flips, colour jitter and random grayscale; Adam with cosine decay; MSE. Seeded; a checkpoint
-  every ``checkpoint_every`` steps makes an interrupted run resume where it stopped.
+  flips, colour jitter and random grayscale (of the whole window); Adam with cosine decay; MSE.
+  Seeded; a checkpoint every ``checkpoint_every`` steps makes an interrupted run resume where it
+  stopped.
 * **Quality.** Normalised regression error (MSE of standardised targets, 1.0 = predicting the mean)
   on held-out natural images (a fixed 10 % of the folder, chosen by file-name hash).
 
@@ -62,6 +66,15 @@ CHECKPOINT_FILE = "checkpoint.pt"
 OUR_MARKER_SUFFIX = ".defect_assist.json"  # sidecar marking a teacher *we* installed for anomalib
 TEACHER_OUT_CHANNELS = 384
 SIZES = ("small", "medium")
+TARGET_BLOCKS = {"8": 2, "16": 3}  # target stride -> timm feature index (EfficientNet-Lite)
+
+
+def _parse_strides(strides: str) -> list[str]:
+    parts = [p.strip() for p in str(strides).split("+") if p.strip()]
+    if not parts or any(p not in TARGET_BLOCKS for p in parts):
+        raise ValueError(f"target strides must be '8', '16' or '8+16', got {strides!r}")
+    return parts
+
 
 TeacherProgress = Callable[[str, int, int, dict[str, float]], None]  # (stage, done, total, metrics)
 
@@ -116,10 +129,14 @@ class DistillConfig:
     size: str = "small"
     backbone: str = "tf_efficientnet_lite0"
     data: str = ""  # folder of natural images (searched recursively)
-    steps: int = 400  # CPU default (~15 min on 2 shared, loaded cores, niced); use 20k+ on a GPU
+    steps: int = 1600  # CPU default (5-18 min on 2 shared cores, niced); use 20k+ on a GPU
     batch_size: int = 4
     crop_size: int = 64  # PDN input; the backbone sees 2x (crop + 2 * context)
     context: int = 32  # pixels of image around the crop that the backbone (not the PDN) sees; multiple of 4
+    target_strides: str = "8"  # backbone blocks regressed: "8", "16" or "8+16" (see README)
+    fold_adapter: bool = (
+        True  # teacher = PDN with the adapter folded into its last layer (see folded_teacher_state)
+    )
     lr: float = 1e-3
     weight_decay: float = 1e-5
     seed: int = 0
@@ -202,7 +219,11 @@ class BackboneTargets(nn.Module):
     """
 
     def __init__(
-        self, backbone: str = "tf_efficientnet_lite0", pretrained: bool = True, context: int = 0
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        pretrained: bool = True,
+        context: int = 0,
+        strides: str = "8+16",
     ) -> None:
         super().__init__()
         import timm
@@ -213,7 +234,10 @@ class BackboneTargets(nn.Module):
 
         spec = backbones.get_spec(backbone)
         self.extractor = timm.create_model(
-            spec.timm_name, features_only=True, out_indices=(2, 3), pretrained=False
+            spec.timm_name,
+            features_only=True,
+            out_indices=tuple(TARGET_BLOCKS[s] for s in _parse_strides(strides)),
+            pretrained=False,
         )
         if pretrained:
             backbones.load_into(self.extractor, spec.timm_name)
@@ -228,12 +252,13 @@ class BackboneTargets(nn.Module):
     def raw(self, images: torch.Tensor) -> torch.Tensor:
         """``images`` in [0, 1] at PDN resolution -> features on a grid of ``size / 4``."""
         x = F.interpolate(images, scale_factor=2.0, mode="bilinear", align_corners=False)
-        fine, coarse = self.extractor((x - self.in_mean) / self.in_std)
-        fine = F.avg_pool2d(fine, 3, 1, 1)
-        coarse = F.interpolate(
-            F.avg_pool2d(coarse, 3, 1, 1), size=fine.shape[-2:], mode="bilinear", align_corners=False
-        )
-        return torch.cat([fine, coarse], dim=1)
+        grid = (x.shape[-2] // 8, x.shape[-1] // 8)  # the stride-8 grid = the PDN's stride-4 grid
+        features = [F.avg_pool2d(f, 3, 1, 1) for f in self.extractor((x - self.in_mean) / self.in_std)]
+        features = [
+            f if f.shape[-2:] == grid else F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
+            for f in features
+        ]
+        return torch.cat(features, dim=1)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -269,6 +294,29 @@ class DistillationNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.adapter(self.pdn(images))
+
+
+def folded_teacher_state(net: DistillationNet, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The PDN's state dict with the 1x1 adapter folded into its last (linear) convolution.
+
+    The last layer becomes ``R @ adapter @ last`` with ``R`` (384 x targets) a seeded random matrix
+    with orthonormal columns: the 384 outputs then span exactly the regressed target space (distances
+    equal those of the adapter's predictions) instead of carrying the adapter's untrained null space.
+    Same keys and shapes as anomalib's PDN.
+    """
+    state = {k: v.detach().clone() for k, v in net.pdn.state_dict().items()}
+    last = "conv4" if isinstance(net.pdn, SmallPatchDescriptionNetwork) else "conv6"
+    weight, bias = state[f"{last}.weight"].double(), state[f"{last}.bias"].double()
+    adapter_w = net.adapter.weight.detach()[:, :, 0, 0].double()  # targets x 384
+    adapter_b = net.adapter.bias.detach().double()
+    generator = torch.Generator().manual_seed(seed)
+    rotation, _ = torch.linalg.qr(
+        torch.randn(TEACHER_OUT_CHANNELS, adapter_w.shape[0], generator=generator, dtype=torch.float64)
+    )
+    mix = rotation @ adapter_w  # 384 x 384
+    state[f"{last}.weight"] = torch.einsum("oc,cihw->oihw", mix, weight).float()
+    state[f"{last}.bias"] = (rotation @ (adapter_w @ bias + adapter_b)).float()
+    return state
 
 
 def regression_error(
@@ -372,7 +420,7 @@ def distill_teacher(
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
-    targets = BackboneTargets(config.backbone, context=config.context)
+    targets = BackboneTargets(config.backbone, context=config.context, strides=config.target_strides)
     window = config.crop_size + 2 * config.context
     net = DistillationNet(config.size, targets.channels)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -454,7 +502,8 @@ def distill_teacher(
     bar.close()
 
     final_error = regression_error(net, targets, eval_loader) if held_files else math.nan
-    torch.save(net.pdn.state_dict(), out / TEACHER_FILE)
+    teacher_state = folded_teacher_state(net, config.seed) if config.fold_adapter else net.pdn.state_dict()
+    torch.save(teacher_state, out / TEACHER_FILE)
     provenance = {
         "kind": "efficientad-teacher",
         "size": config.size,
@@ -462,8 +511,8 @@ def distill_teacher(
         "fingerprint": fingerprint,
         "backbone": backbones.get_spec(config.backbone).timm_name,
         "backbone_weights": backbones.get_spec(config.backbone).weights_package,
-        "targets": f"{targets.channels} channels: stride-8 + stride-16 features of the 2x-upsampled crop "
-        f"plus {config.context} px context per side (centre cells kept), 3x3 averaged, standardised; "
+        "targets": f"{targets.channels} channels: stride-{config.target_strides} features of the 2x-upsampled"
+        f" crop plus {config.context} px context per side (centre cells kept), 3x3 averaged, standardised; "
         "1x1 adapter 384 -> targets",
         "n_train_images": len(train_files),
         "n_heldout_images": len(held_files),
@@ -534,7 +583,14 @@ def resolve_teacher(
     folder = teacher_root(model_dir or settings.model_dir) / default_teacher_name(size, config.backbone)
     provenance_file = folder / PROVENANCE_FILE
     if (folder / TEACHER_FILE).is_file() and provenance_file.is_file():
-        return TeacherInfo(size, "distilled", folder / TEACHER_FILE, json.loads(provenance_file.read_text()))
+        provenance = json.loads(provenance_file.read_text())
+        if provenance.get("fingerprint") != config.fingerprint():
+            logger.info(
+                "using the cached teacher %s, distilled with settings other than the current defaults "
+                "(see its provenance.json); `defect-assist distill-teacher --fresh` re-distils it",
+                folder,
+            )
+        return TeacherInfo(size, "distilled", folder / TEACHER_FILE, provenance)
     logger.info("no teacher for EfficientAd-%s yet: distilling one into %s", size, folder)
     return distill_teacher(config, folder, show_progress=show_progress)
 
