@@ -137,3 +137,15 @@ def test_lightning_wrapper_runs_anomalib_steps() -> None:
     output = module.validation_step(ImageBatch(image=torch.rand(2, 3, 64, 64)))
     assert output.pred_score.shape == (2,)
     assert output.anomaly_map.shape[-2:] == (64, 64)
+
+
+@pytest.mark.parametrize("sigma", [4, 8, 16])
+def test_separable_blur_equals_anomalib_gaussian_blur(sigma: int) -> None:
+    from anomalib.models.components import GaussianBlur2d
+
+    from defect_assist.models.patchcore.torch_model import gaussian_blur
+
+    size = 2 * int(4.0 * sigma + 0.5) + 1
+    reference = GaussianBlur2d(kernel_size=(size, size), sigma=(sigma, sigma), channels=1)
+    maps = torch.rand(2, 1, 160, 192)
+    assert torch.allclose(gaussian_blur(maps, sigma), reference(maps), atol=1e-4)

@@ -19,19 +19,20 @@ class PatchcoreAnomalyModel(AnomalyModel):
 
     Options: ``backbone`` (tf_efficientnet_lite0/1/2, wide_resnet50_2 …), ``layers``, ``image_size``,
     ``resize`` (letterbox | squash), ``coverage_quantile`` (memory-bank radius, see torch_model),
-    ``num_neighbors`` (score re-weighting), ``anomaly_map_sigma``, ``max_bank`` (cap on bank size).
+    ``num_neighbors`` (score re-weighting), ``anomaly_map_sigma`` (Gaussian smoothing of the map, in
+    pixels of a 256 px input: scaled with ``image_size``), ``max_bank`` (cap on bank size).
     """
 
     kind: ClassVar[str] = "patchcore"
     supports_incremental: ClassVar[bool] = True
     default_config: ClassVar[dict[str, Any]] = {
-        "backbone": "tf_efficientnet_lite0",
+        "backbone": "tf_efficientnet_lite1",
         "layers": ["blocks.2", "blocks.4"],
         "image_size": 256,
         "resize": "letterbox",
         "coverage_quantile": 0.9,
         "num_neighbors": 9,
-        "anomaly_map_sigma": 8.0,
+        "anomaly_map_sigma": 16.0,
         "max_bank": 200_000,
         "pretrained": True,
     }
@@ -44,7 +45,7 @@ class PatchcoreAnomalyModel(AnomalyModel):
                 layers=self.config["layers"],
                 pretrained=self.config["pretrained"],
                 num_neighbors=self.config["num_neighbors"],
-                anomaly_map_sigma=self.config["anomaly_map_sigma"],
+                anomaly_map_sigma=self.config["anomaly_map_sigma"] * self.config["image_size"] / 256,
             )
             .to(self.device)
             .eval()
