@@ -118,7 +118,7 @@ def test_evaluate_writes_literature_metrics(tiny_mvtec: Path, tmp_path: Path) ->
     keys = {"image_auroc", "pixel_auroc", "image_f1", "pixel_aupro", "fit_seconds", "images_per_second"}
     assert keys <= set(results["categories"]["tile"])
     assert keys <= set(results["mean"])
-    assert results["model"] == "patchcore" and results["backbone"] == "tf_efficientnet_lite0"
+    assert results["model"] == "patchcore" and results["backbone"] == "tf_efficientnet_lite1"
     assert results["image_size"] == 96
     tile = results["categories"]["tile"]
     assert tile["n_test"] == 12 and tile["n_test_anomalous"] == 6
