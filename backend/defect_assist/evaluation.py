@@ -64,7 +64,8 @@ class Category:
     test: list[TestImage] = field(default_factory=list)
 
 
-def _images(folder: Path) -> list[Path]:
+def list_images(folder: Path) -> list[Path]:
+    """The image files directly inside ``folder``, sorted."""
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
@@ -81,11 +82,11 @@ def load_category(root: Path) -> Category:
     train_dir = root / "train" / "good"
     if not train_dir.is_dir():
         raise FileNotFoundError(f"{root} has no train/good folder")
-    category = Category(root.name, root, _images(train_dir))
+    category = Category(root.name, root, list_images(train_dir))
     test_dir = root / "test"
     if test_dir.is_dir():
         for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
-            for image in _images(type_dir):
+            for image in list_images(type_dir):
                 mask = None if type_dir.name == "good" else _find_mask(root, type_dir.name, image)
                 if type_dir.name != "good" and mask is None:
                     logger.warning("no ground-truth mask for %s; pixel metrics treat it as unlabelled", image)

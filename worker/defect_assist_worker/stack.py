@@ -28,7 +28,6 @@ import httpx
 from defect_assist.settings import PROJECT_ROOT, Settings
 
 DEMO_TITLE = "defect-assist demo"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 
 
 @dataclass
@@ -51,12 +50,22 @@ class Child:
     log: Path
 
 
+@dataclass(frozen=True)
+class SampleImages:
+    """Training normals, test normals and test defects of the sample data."""
+
+    train: list[Path]
+    normals: list[Path]
+    defects: list[Path]
+
+
 @dataclass
 class Stack:
     """The running parts; :meth:`close` stops them in reverse order."""
 
     settings: Settings
     options: StackOptions
+    samples: SampleImages
     children: list[Child] = field(default_factory=list)
     redis_server: Any = None
     label_studio: Any = None
@@ -109,25 +118,19 @@ class Stack:
             self.redis_server = None
 
 
-def sample_images(data: Path) -> tuple[list[Path], list[Path], list[Path]]:
-    """Training normals, test normals and test defects of an MVTec-layout folder (or plain folder)."""
+def sample_images(data: Path) -> SampleImages:
+    """Read an MVTec-layout category (the evaluation's reader), or a plain folder of normals."""
+    from defect_assist.evaluation import list_images, load_category
 
-    def images(folder: Path) -> list[Path]:
-        if not folder.is_dir():
-            return []
-        return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-
-    train = images(data / "train" / "good") or images(data)
-    test = data / "test"
-    normals = images(test / "good")
-    defects = (
-        [p for folder in sorted(test.iterdir()) if folder.name != "good" for p in images(folder)]
-        if test.is_dir()
-        else []
-    )
-    if not train:
-        raise FileNotFoundError(f"no training images in {data}/train/good or {data}")
-    return train, normals, defects
+    if not (data / "train" / "good").is_dir():
+        train = list_images(data) if data.is_dir() else []
+        if not train:
+            raise FileNotFoundError(f"no training images in {data}/train/good or {data}")
+        return SampleImages(train, [], [])
+    category = load_category(data)
+    normals = [t.path for t in category.test if not t.is_anomalous]
+    defects = [t.path for t in category.test if t.is_anomalous]
+    return SampleImages(category.train, normals, defects)
 
 
 def _spread(items: list[Path], count: int) -> list[Path]:
@@ -175,8 +178,9 @@ def _start_label_studio(stack: Stack) -> None:
     existing = next((p for p in projects if p.get("title") == DEMO_TITLE), None)
     if existing is None:
         project = server.create_project(DEMO_TITLE, CONFIG.read_text())
-        _, normals, defects = sample_images(options.data)
-        picked = _spread(normals, options.tasks // 2) + _spread(defects, options.tasks - options.tasks // 2)
+        samples = stack.samples
+        half = options.tasks // 2
+        picked = _spread(samples.normals, half) + _spread(samples.defects, options.tasks - half)
         regex = "^(" + "|".join(p.name.replace(".", r"\.") for p in picked) + ")$"
         server.import_local_files(project, options.data.resolve() / "test", regex)
         stack.say(f"created Label Studio project {project} with {len(server.tasks(project))} tasks")
@@ -208,7 +212,7 @@ def _ensure_model(stack: Stack, redis_url: str) -> str:
     if current:
         stack.say(f"project {stack.project}: serving {current}")
         return current
-    train, _, _ = sample_images(stack.options.data)
+    train = stack.samples.train
     if stack.options.max_train:
         train = _spread(train, stack.options.max_train)
     connection = redis.Redis.from_url(redis_url)
@@ -240,8 +244,7 @@ def _smoke_predict(stack: Stack, backend_url: str) -> None:
     """One normal and one defective sample through ``/predict`` (with the recommended labeling config)."""
     from defect_assist.local_label_studio import CONFIG
 
-    _, normals, defects = sample_images(stack.options.data)
-    samples = _spread(normals, 1) + _spread(defects, 1)
+    samples = _spread(stack.samples.normals, 1) + _spread(stack.samples.defects, 1)
     if not samples:
         return
     tasks = [{"id": i + 1, "data": {"image": str(p.resolve())}} for i, p in enumerate(samples)]
@@ -266,7 +269,7 @@ def run_stack(options: StackOptions) -> int:
     from defect_assist_worker.redis_server import RedisServer
 
     settings = Settings()
-    stack = Stack(settings, options, project=options.project)
+    stack = Stack(settings, options, sample_images(options.data), project=options.project)
     options.state_dir.mkdir(parents=True, exist_ok=True)
     interrupted = False
 
