@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from qdrant_client import QdrantClient  # noqa: E402
 from defect_assist.explore.fiftyone_dataset import SIMILARITY_KEY, VISUALIZATION_KEY, build_dataset  # noqa: E402
 from defect_assist.explore.label_studio_tasks import build_tasks  # noqa: E402
 from defect_assist.explore.qdrant_backend import QdrantLocalSimilarityIndex  # noqa: E402
+from defect_assist.local_label_studio import free_port  # noqa: E402
 from defect_assist.models import create_model  # noqa: E402
 from defect_assist.settings import get_settings  # noqa: E402
 from defect_assist.similarity.embedding import SimilarityEmbedder  # noqa: E402
@@ -229,12 +229,6 @@ def test_label_studio_tasks_carry_predictions(dataset) -> None:
             assert np.array_equal(decoded, mask)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -272,7 +266,7 @@ def test_app_screenshot_with_heatmaps(dataset) -> None:
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
     pytest.importorskip("playwright")
     dataset.persistent = True  # the App server is another process
-    port = _free_port()
+    port = free_port()
     session = fo.launch_app(
         dataset.sort_by("score", reverse=True), port=port, address="127.0.0.1", remote=True, auto=False
     )

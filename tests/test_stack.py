@@ -6,24 +6,17 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from defect_assist.local_label_studio import ensure_label_studio, template_data_dir
+from defect_assist.local_label_studio import ensure_label_studio, free_port, template_data_dir
 from defect_assist.store import ModelStore
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_stack_trains_first_model_and_connects_label_studio(tmp_path: Path, magnetic_tile: Path) -> None:
@@ -41,7 +34,7 @@ def test_stack_trains_first_model_and_connects_label_studio(tmp_path: Path, magn
     command = [
         sys.executable, "-m", "defect_assist", "stack", "--smoke", "--label-studio",
         "--data", str(magnetic_tile), "--max-train", "16", "--tasks", "4",
-        "--port", str(_free_port()), "--label-studio-port", str(_free_port()),
+        "--port", str(free_port()), "--label-studio-port", str(free_port()),
         "--state-dir", str(tmp_path / "stack"),
     ]  # fmt: skip
     process = subprocess.Popen(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,13 +18,9 @@ import httpx
 import pytest
 from worker_support import ROOT, WorkerProcess, wait_for
 
+from defect_assist.local_label_studio import free_port
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _up(url: str) -> bool:
@@ -43,7 +38,7 @@ def stack(tmp_path: Path, label_studio, monkeypatch: pytest.MonkeyPatch):
 
     server = RedisServer(tmp_path / "redis")
     redis_url = server.start(detach=False)
-    backend_url = f"http://127.0.0.1:{_port()}"
+    backend_url = f"http://127.0.0.1:{free_port()}"
     env = {
         "REDIS_URL": redis_url,
         "MODEL_DIR": str(tmp_path / "models"),

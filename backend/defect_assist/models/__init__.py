@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,17 @@ MODEL_REGISTRY: dict[str, str] = {
     "patchcore": "defect_assist.models.patchcore:PatchcoreAnomalyModel",
     "efficientad": "defect_assist.models.efficientad:EfficientAdAnomalyModel",
 }
+
+
+def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` importing each name of ``exports`` (name -> module) on first use."""
+
+    def __getattr__(name: str) -> Any:
+        if name in exports:
+            return getattr(importlib.import_module(exports[name]), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__
 
 
 def model_class(kind: str) -> type[AnomalyModel]:
@@ -42,6 +54,7 @@ __all__ = [
     "ModelMetadata",
     "Prediction",
     "create_model",
+    "lazy_exports",
     "load_model",
     "model_class",
 ]

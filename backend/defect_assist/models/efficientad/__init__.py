@@ -4,21 +4,14 @@ Attributes are imported on first use, so ``defect_assist.models.efficientad.comm
 without anomalib.
 """
 
-from __future__ import annotations
+from defect_assist.models import lazy_exports
 
-import importlib
-from typing import Any
-
-_EXPORTS = {
-    "SCHEDULES": "defect_assist.models.efficientad.anomaly_model",
-    "EfficientAdAnomalyModel": "defect_assist.models.efficientad.anomaly_model",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "SCHEDULES": "defect_assist.models.efficientad.anomaly_model",
+        "EfficientAdAnomalyModel": "defect_assist.models.efficientad.anomaly_model",
+    },
+)
 
 __all__ = ["SCHEDULES", "EfficientAdAnomalyModel"]

@@ -3,23 +3,16 @@
 Attributes are imported on first use (anomalib takes seconds to import).
 """
 
-from __future__ import annotations
+from defect_assist.models import lazy_exports
 
-import importlib
-from typing import Any
-
-_EXPORTS = {
-    "PatchcoreAnomalyModel": "defect_assist.models.patchcore.anomaly_model",
-    "FastPatchcoreModel": "defect_assist.models.patchcore.torch_model",
-    "coverage_select": "defect_assist.models.patchcore.torch_model",
-    "estimate_radius": "defect_assist.models.patchcore.torch_model",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "PatchcoreAnomalyModel": "defect_assist.models.patchcore.anomaly_model",
+        "FastPatchcoreModel": "defect_assist.models.patchcore.torch_model",
+        "coverage_select": "defect_assist.models.patchcore.torch_model",
+        "estimate_radius": "defect_assist.models.patchcore.torch_model",
+    },
+)
 
 __all__ = ["FastPatchcoreModel", "PatchcoreAnomalyModel", "coverage_select", "estimate_radius"]
