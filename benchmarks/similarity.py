@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from defect_assist.models import create_model, load_model
+from defect_assist.models import create_model, load_model, model_class
 from defect_assist.similarity.embedding import WEIGHTS, SimilarityEmbedder, combine
 from defect_assist.similarity.index import SimilarityIndex, _payload, content_hash
 from defect_assist.similarity.mvtec import walk_folder
@@ -122,7 +122,10 @@ def main() -> None:
     torch.manual_seed(0)
     records = walk_folder(args.data)
     train = [r.path for r in records if r.split == "train"]
-    model_dir = args.cache / f"patchcore-{args.image_size}"
+    # the cache is keyed on the whole model configuration: a change of defaults retrains
+    config = {**model_class("patchcore").default_config, "image_size": args.image_size}
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    model_dir = args.cache / f"patchcore-{args.image_size}-{key}"
     started = time.perf_counter()
     if (model_dir / "weights.pt").exists():
         model = load_model(model_dir, device="cpu")
@@ -132,7 +135,7 @@ def main() -> None:
         model.save(model_dir)
     fit_s = time.perf_counter() - started
     embedder = SimilarityEmbedder(model, "bench")
-    features = args.cache / f"vectors-{args.image_size}.npz"
+    features = args.cache / f"vectors-{args.image_size}-{key}.npz"
     started = time.perf_counter()
     if features.exists():
         vectors = np.load(features)["vectors"]

@@ -149,3 +149,33 @@ def test_separable_blur_equals_anomalib_gaussian_blur(sigma: int) -> None:
     reference = GaussianBlur2d(kernel_size=(size, size), sigma=(sigma, sigma), channels=1)
     maps = torch.rand(2, 1, 160, 192)
     assert torch.allclose(gaussian_blur(maps, sigma), reference(maps), atol=1e-4)
+
+
+def test_balanced_layers_weigh_each_layer_equally_per_channel() -> None:
+    from defect_assist.models.patchcore.torch_model import FastPatchcoreModel
+
+    balanced = FastPatchcoreModel(backbone="tf_efficientnet_lite0", pretrained=False)
+    plain = FastPatchcoreModel(backbone="tf_efficientnet_lite0", pretrained=False, balance_layers=False)
+    plain.load_state_dict(balanced.state_dict())
+    assert plain.layer_weights == {"blocks.2": 1.0, "blocks.4": 1.0}
+    channels = dict(zip(balanced.layers, balanced.feature_extractor.out_dims, strict=True))  # 40, 112
+    weights = balanced.layer_weights
+    # squared weight x channels is the same for every layer: each layer's distance counts equally
+    assert weights["blocks.2"] ** 2 * channels["blocks.2"] == pytest.approx(
+        weights["blocks.4"] ** 2 * channels["blocks.4"]
+    )
+    images = torch.rand(2, 3, 64, 64)
+    first = channels["blocks.2"]
+    with torch.no_grad():
+        unweighted, weighted = plain.patch_embedding(images), balanced.patch_embedding(images)
+    torch.testing.assert_close(weighted[:, :first], unweighted[:, :first] * weights["blocks.2"])
+    torch.testing.assert_close(weighted[:, first:], unweighted[:, first:] * weights["blocks.4"])
+
+
+def test_models_saved_before_layer_balancing_load_unbalanced(small_patchcore, tmp_path: Path) -> None:
+    small_patchcore.save(tmp_path)
+    payload = torch.load(tmp_path / "weights.pt", weights_only=False)
+    payload["config"].pop("balance_layers")  # as written before the option existed
+    torch.save(payload, tmp_path / "weights.pt")
+    restored = load_model(tmp_path, device="cpu")
+    assert restored.config["balance_layers"] is False

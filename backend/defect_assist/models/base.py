@@ -211,6 +211,8 @@ class AnomalyModel(ABC):
 
     kind: ClassVar[str] = ""
     default_config: ClassVar[dict[str, Any]] = {}
+    # Options added after models were first saved: the value such an older model was trained with.
+    saved_model_defaults: ClassVar[dict[str, Any]] = {}
     supports_incremental: ClassVar[bool] = False
 
     def __init__(self, device: str = "auto", **config: Any) -> None:
@@ -503,7 +505,7 @@ class AnomalyModel(ABC):
         directory = Path(directory)
         metadata = ModelMetadata(**json.loads((directory / METADATA_FILE).read_text()))
         payload = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=False)
-        model = cls(device=device, **payload["config"])
+        model = cls(device=device, **{**cls.saved_model_defaults, **payload["config"]})
         model._load_state(payload["state"])
         model.metadata = metadata
         model.calibration = Calibration(**metadata.calibration)

@@ -17,7 +17,8 @@ from defect_assist.models.patchcore.torch_model import FastPatchcoreModel, cover
 class PatchcoreAnomalyModel(AnomalyModel):
     """PatchCore (Roth et al., 2022) with an offline EfficientNet-Lite backbone and a coverage coreset.
 
-    Options: ``backbone`` (tf_efficientnet_lite0/1/2, wide_resnet50_2 …), ``layers``, ``image_size``,
+    Options: ``backbone`` (tf_efficientnet_lite0/1/2, wide_resnet50_2 …), ``layers``,
+    ``balance_layers`` (weigh every layer equally in the patch distance, see torch_model), ``image_size``,
     ``resize`` (letterbox | squash), ``coverage_quantile`` (memory-bank radius, see torch_model),
     ``num_neighbors`` (score re-weighting), ``anomaly_map_sigma`` (Gaussian smoothing of the map, in
     pixels of a 256 px input: scaled with ``image_size``), ``max_bank`` (cap on bank size).
@@ -28,14 +29,16 @@ class PatchcoreAnomalyModel(AnomalyModel):
     default_config: ClassVar[dict[str, Any]] = {
         "backbone": "tf_efficientnet_lite1",
         "layers": ["blocks.2", "blocks.4"],
+        "balance_layers": True,
         "image_size": 256,
         "resize": "letterbox",
         "coverage_quantile": 0.9,
         "num_neighbors": 9,
-        "anomaly_map_sigma": 16.0,
+        "anomaly_map_sigma": 24.0,
         "max_bank": 200_000,
         "pretrained": True,
     }
+    saved_model_defaults: ClassVar[dict[str, Any]] = {"balance_layers": False}
 
     def __init__(self, device: str = "auto", **config: Any) -> None:
         super().__init__(device=device, **config)
@@ -43,6 +46,7 @@ class PatchcoreAnomalyModel(AnomalyModel):
             FastPatchcoreModel(
                 backbone=self.config["backbone"],
                 layers=self.config["layers"],
+                balance_layers=self.config["balance_layers"],
                 pretrained=self.config["pretrained"],
                 num_neighbors=self.config["num_neighbors"],
                 anomaly_map_sigma=self.config["anomaly_map_sigma"] * self.config["image_size"] / 256,
@@ -112,7 +116,9 @@ class PatchcoreAnomalyModel(AnomalyModel):
         (``t`` = the calibrated pixel scale), so it describes the most anomalous region.
         """
         embedding = self.model.patch_embedding(tensor)  # B x D x h x w
-        pooled = F.normalize(embedding.mean(dim=(2, 3)), dim=1)
+        # both parts pool the raw channels: layer balancing is for patch distances (the scores)
+        channel_weights = self.model.channel_weights().to(embedding)
+        pooled = F.normalize(embedding.mean(dim=(2, 3)) / channel_weights, dim=1)
         if not anomaly_weighted:
             return pooled
         batch, dim, height, width = embedding.shape
@@ -121,7 +127,7 @@ class PatchcoreAnomalyModel(AnomalyModel):
         temperature = self.calibration.pixel_scale if self.calibration else 1.0
         weights = torch.softmax(patch_scores.reshape(batch, -1) / max(temperature, 1e-6), dim=1)
         weighted = torch.einsum("bn,bnd->bd", weights, flat.reshape(batch, height * width, dim))
-        return torch.cat([pooled, F.normalize(weighted, dim=1)], dim=1)
+        return torch.cat([pooled, F.normalize(weighted / channel_weights, dim=1)], dim=1)
 
     # ------------------------------------------------------------------ persistence
     def _state(self) -> dict[str, Any]:

@@ -31,6 +31,7 @@ class FastPatchcore(Patchcore):
         layers: Sequence[str] = ("blocks.2", "blocks.4"),
         pre_trained: bool = True,
         coverage_quantile: float = 0.9,
+        balance_layers: bool = True,
         num_neighbors: int = 9,
         image_size: int = 256,
         pre_processor: PreProcessor | bool = True,
@@ -59,4 +60,5 @@ class FastPatchcore(Patchcore):
             pretrained=pre_trained,
             num_neighbors=num_neighbors,
             coverage_quantile=coverage_quantile,
+            balance_layers=balance_layers,
         )

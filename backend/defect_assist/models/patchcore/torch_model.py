@@ -1,8 +1,9 @@
 """PatchCore torch model (no Lightning): anomalib 2.7's PatchCore with a fast memory bank.
 
 Feature extraction, 3x3 local aggregation, multi-layer embedding, the paper's re-weighted image
-score and the Gaussian-smoothed anomaly map all come from anomalib's ``PatchcoreModel``. Two parts
-are replaced because anomalib's versions do not finish on a CPU in minutes:
+score and the Gaussian-smoothed anomaly map all come from anomalib's ``PatchcoreModel``; the layers
+are weighted as in the reference implementation (:func:`layer_weights`). Two parts are replaced
+because anomalib's versions do not finish on a CPU in minutes:
 
 * **Memory bank selection** — anomalib's greedy k-center coreset costs ~0.5 s per selected patch on
   two CPU cores (hours for 650 images). Here the bank is a *coverage coreset*: patches are visited in
@@ -20,6 +21,7 @@ convolution over the image's own pixels when the input was letterboxed (:meth:`v
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import faiss
@@ -139,6 +141,22 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(rows, kernel.view(1, 1, -1, 1))
 
 
+def layer_weights(channels: dict[str, int], balance: bool = True) -> dict[str, float]:
+    """Per-layer feature scale: ``sqrt(mean channels / channels)`` when balancing, else 1.
+
+    The reference PatchCore implementation projects every layer's patch features to one common
+    dimension (adaptive average pooling) before concatenating, so each layer weighs the same in the
+    patch distance whatever its channel count; a channel of a 40-channel layer counts 112/40 times as
+    much as one of a 112-channel layer. anomalib concatenates the raw channels instead, letting the
+    wider (deeper) layer dominate. Scaling by ``1/sqrt(channels)`` restores the reference weighting
+    without the projection (the squared distance of a layer is divided by its channel count).
+    """
+    if not balance:
+        return dict.fromkeys(channels, 1.0)
+    mean = sum(channels.values()) / len(channels)
+    return {layer: math.sqrt(mean / count) for layer, count in channels.items()}
+
+
 class FastPatchcoreModel(PatchcoreModel):
     """anomalib's PatchcoreModel with offline backbone weights, coverage coreset and faiss search."""
 
@@ -150,6 +168,7 @@ class FastPatchcoreModel(PatchcoreModel):
         num_neighbors: int = 9,
         anomaly_map_sigma: float = 8.0,
         coverage_quantile: float = 0.9,
+        balance_layers: bool = True,
     ) -> None:
         spec = backbones.get_spec(backbone)
         super().__init__(
@@ -167,6 +186,9 @@ class FastPatchcoreModel(PatchcoreModel):
         self._index: faiss.Index | None = None
         self.radius: float = 0.0
         self.coverage_quantile = coverage_quantile
+        self.layer_weights = layer_weights(
+            dict(zip(self.layers, self.feature_extractor.out_dims, strict=True)), balance_layers
+        )
 
     # --------------------------------------------------------------- features
     @torch.no_grad()
@@ -175,6 +197,20 @@ class FastPatchcoreModel(PatchcoreModel):
         features = self.feature_extractor(images.contiguous(memory_format=torch.channels_last))
         features = {layer: self.feature_pooler(feature) for layer, feature in features.items()}
         return self.generate_embedding(features)
+
+    def channel_weights(self) -> torch.Tensor:
+        """The :attr:`layer_weights` of every embedding channel, in embedding order ``(D,)``."""
+        return torch.cat(
+            [
+                torch.full((channels,), self.layer_weights[layer])
+                for layer, channels in zip(self.layers, self.feature_extractor.out_dims, strict=True)
+            ]
+        )
+
+    def generate_embedding(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """anomalib's layer concatenation, each layer first scaled by :attr:`layer_weights`."""
+        weighted = {layer: feature * self.layer_weights[layer] for layer, feature in features.items()}
+        return super().generate_embedding(weighted)
 
     # --------------------------------------------------------------- memory bank
     def set_memory_bank(self, bank: torch.Tensor) -> None:
