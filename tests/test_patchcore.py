@@ -158,7 +158,7 @@ def test_balanced_layers_weigh_each_layer_equally_per_channel() -> None:
     plain = FastPatchcoreModel(backbone="tf_efficientnet_lite0", pretrained=False, balance_layers=False)
     plain.load_state_dict(balanced.state_dict())
     assert plain.layer_weights == {"blocks.2": 1.0, "blocks.4": 1.0}
-    channels = dict(zip(balanced.layers, balanced.feature_extractor.out_dims, strict=True))  # 40, 112
+    channels = balanced.layer_channels  # blocks.2: 40, blocks.4: 112
     weights = balanced.layer_weights
     # squared weight x channels is the same for every layer: each layer's distance counts equally
     assert weights["blocks.2"] ** 2 * channels["blocks.2"] == pytest.approx(

@@ -134,9 +134,8 @@ class DistillConfig:
     crop_size: int = 64  # PDN input; the backbone sees 2x (crop + 2 * context)
     context: int = 32  # pixels of image around the crop that the backbone (not the PDN) sees; multiple of 4
     target_strides: str = "8"  # backbone blocks regressed: "8", "16" or "8+16" (see README)
-    fold_adapter: bool = (
-        True  # teacher = PDN with the adapter folded into its last layer (see folded_teacher_state)
-    )
+    # teacher = PDN with the adapter folded into its last layer (see folded_teacher_state)
+    fold_adapter: bool = True
     lr: float = 1e-3
     weight_decay: float = 1e-5
     seed: int = 0

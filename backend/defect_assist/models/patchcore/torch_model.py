@@ -186,9 +186,8 @@ class FastPatchcoreModel(PatchcoreModel):
         self._index: faiss.Index | None = None
         self.radius: float = 0.0
         self.coverage_quantile = coverage_quantile
-        self.layer_weights = layer_weights(
-            dict(zip(self.layers, self.feature_extractor.out_dims, strict=True)), balance_layers
-        )
+        self.layer_channels = dict(zip(self.layers, self.feature_extractor.out_dims, strict=True))
+        self.layer_weights = layer_weights(self.layer_channels, balance_layers)
 
     # --------------------------------------------------------------- features
     @torch.no_grad()
@@ -203,7 +202,7 @@ class FastPatchcoreModel(PatchcoreModel):
         return torch.cat(
             [
                 torch.full((channels,), self.layer_weights[layer])
-                for layer, channels in zip(self.layers, self.feature_extractor.out_dims, strict=True)
+                for layer, channels in self.layer_channels.items()
             ]
         )
 
