@@ -77,6 +77,34 @@ def test_folded_teacher_keeps_the_adapter_geometry(size: str) -> None:
     assert torch.allclose(torch.cdist(a, a), torch.cdist(b, b), atol=1e-3)
 
 
+def test_replicated_map_border_scores_the_image_edge() -> None:
+    """The unpadded PDN grid misses 4 cells (16 px) per side: replicated, not zeros as anomalib pads."""
+    from anomalib.models.image.efficient_ad.torch_model import EfficientAdModel
+
+    from defect_assist.models.efficientad.torch_model import build_model
+
+    image = torch.rand(1, 3, 256, 256)  # anomalib's own autoencoder needs >= 256 px
+    replicate = build_model("small", None, map_border="replicate").eval()
+    zeros = build_model("small", None, map_border="zeros").eval()
+    anomalib = EfficientAdModel(teacher_out_channels=384, padding=False, pad_maps=True).eval()
+    zeros.load_state_dict(replicate.state_dict())
+    anomalib.load_state_dict(replicate.state_dict())
+    maps = {}
+    with torch.no_grad():
+        for name, model in (("replicate", replicate), ("zeros", zeros), ("anomalib", anomalib)):
+            student, distance = model.compute_student_teacher_distance(image)
+            maps[name] = model.compute_maps(image, student, distance, normalize=False)[0][0, 0]
+        grid = distance.mean(dim=1)[0]
+    assert grid.shape == (56, 56) and maps["replicate"].shape == (256, 256)
+    torch.testing.assert_close(maps["zeros"], maps["anomalib"])  # "zeros" is anomalib's computation
+    # The outer 16 px: anomalib scores zero distance there ("certainly normal"); replicated: the edge cells.
+    assert float(maps["zeros"][:8].abs().max()) == 0.0
+    torch.testing.assert_close(maps["replicate"][0, 0], grid[0, 0])
+    torch.testing.assert_close(maps["replicate"][-1, -1], grid[-1, -1])
+    assert float(maps["replicate"][:16].min()) >= float(grid.min()) - 1e-6
+    torch.testing.assert_close(maps["replicate"][40:216, 40:216], maps["zeros"][40:216, 40:216])
+
+
 def test_distillation_is_seeded_and_resumes(
     natural_images: Path, tiny_teacher: TeacherInfo, tmp_path: Path
 ) -> None:
@@ -121,29 +149,63 @@ def test_official_teacher_is_preferred(
     )  # never replaced
 
 
+def pasted_natural_patches(
+    normals: list[Path], natural: list[Path], seed: int = 0
+) -> tuple[list[np.ndarray], list[np.ndarray], list[tuple[int, int, int, int]]]:
+    """Synthetic defects: a quarter-size natural-image patch pasted into each normal tile.
+
+    Returns the clean images, the pasted ones and each patch's (top, left, height, width).
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    clean, pasted, boxes = [], [], []
+    for normal, source in zip(normals, natural, strict=False):
+        image = np.asarray(Image.open(normal).convert("RGB"))
+        height, width = image.shape[:2]
+        ph, pw = height // 4, width // 4
+        top = int(rng.integers(height // 8, height - ph - height // 8))
+        left = int(rng.integers(width // 8, width - pw - width // 8))
+        defect = image.copy()
+        patch = Image.open(source).convert("RGB").resize((pw, ph))
+        defect[top : top + ph, left : left + pw] = np.asarray(patch)
+        clean.append(image)
+        pasted.append(defect)
+        boxes.append((top, left, ph, pw))
+    return clean, pasted, boxes
+
+
 def test_efficientad_end_to_end(
     tiny_teacher: TeacherInfo,
     natural_images: Path,
+    imagenet_sample: Path,
     train_normals: list[Path],
     test_images: dict[str, list[Path]],
     tmp_path: Path,
 ) -> None:
+    """Train a tiny EfficientAd (24 normals, 300 steps at 128 px): shapes, persistence, and detection.
+
+    Detection is checked on synthetic defects (natural-image patches pasted into held-out normals):
+    at this size the real magnetic-tile defects are ranked at chance (measured pairwise AUROC
+    0.42-0.64 for 60-300 steps and three seeds), so they are only used for the shape checks; the real-data
+    figures are in the model's README (1,500 steps, full data).
+    """
     from defect_assist.models import create_model, load_model
 
-    torch.manual_seed(0)
     model = create_model(
         "efficientad",
         device="cpu",
         teacher=str(tiny_teacher.path),
         penalty_dir=str(natural_images),
         image_size=128,
-        max_steps=60,
-        val_every=30,
+        max_steps=300,
+        val_every=100,
         patience=0,
         time_budget_s=0,
     )
-    report = model.fit(train_normals)
-    assert report.details["steps"] == 60 and report.details["teacher"] == "file"
+    assert model.config["resize"] == "squash" and model.config["map_border"] == "replicate"
+    report = model.fit(train_normals, seed=0)
+    assert report.details["steps"] == 300 and report.details["teacher"] == "file"
     normals, defects = test_images["normal"], test_images["anomalous"]
     predictions = model.predict(normals + defects)
     assert all(p.ok for p in predictions)
@@ -153,9 +215,21 @@ def test_efficientad_end_to_end(
         width, height = Image.open(path).size
         assert prediction.anomaly_map.shape == (height, width) and prediction.mask.shape == (height, width)
         assert 0.0 <= prediction.score <= 1.0
-    raw = np.array([p.raw_score for p in predictions])
-    normal_raw, defect_raw = raw[: len(normals)], raw[len(normals) :]
-    assert np.median(defect_raw) > np.median(normal_raw)
+
+    penalty = {path.name for path in natural_images.rglob("*.JPEG")}
+    unseen = [path for path in sorted(imagenet_sample.rglob("*.JPEG"))[8::16] if path.name not in penalty]
+    clean, pasted, boxes = pasted_natural_patches(normals, unseen)
+    scored = model.predict(clean + pasted)
+    clean_raw = np.array([p.raw_score for p in scored[: len(clean)]])
+    pasted_raw = np.array([p.raw_score for p in scored[len(clean) :]])
+    pairwise_auroc = float((pasted_raw[:, None] > clean_raw[None, :]).mean())
+    assert pairwise_auroc >= 0.9, (pasted_raw, clean_raw)
+    assert (pasted_raw > clean_raw).sum() >= len(clean) - 1  # each tile scores higher with the patch
+    localised = [
+        p.anomaly_map[top : top + ph, left : left + pw].mean() > p.anomaly_map.mean()
+        for p, (top, left, ph, pw) in zip(scored[len(clean) :], boxes, strict=True)
+    ]
+    assert sum(localised) >= len(clean) - 1  # the map is higher on the patch than on the tile
 
     model.save(tmp_path / "m")
     reloaded = load_model(tmp_path / "m", device="cpu")
@@ -164,3 +238,8 @@ def test_efficientad_end_to_end(
     )
     scores, maps = model._infer(model.load_batch(defects[:2]).tensor)
     assert scores.shape == (2,) and maps.shape == (2, 128, 128)
+
+    payload = torch.load(tmp_path / "m" / "weights.pt", weights_only=False)
+    payload["config"].pop("map_border")  # as written before the option existed
+    torch.save(payload, tmp_path / "m" / "weights.pt")
+    assert load_model(tmp_path / "m", device="cpu").model.map_border == "zeros"

@@ -15,6 +15,7 @@ import torch
 from defect_assist.models.base import AnomalyModel, ProgressCallback
 from defect_assist.models.efficientad.teacher import TeacherInfo, resolve_teacher
 from defect_assist.models.efficientad.torch_model import (
+    OfflineEfficientAdModel,
     PenaltyImages,
     build_model,
     map_norm_quantiles,
@@ -78,8 +79,11 @@ class EfficientAdAnomalyModel(AnomalyModel):
         "val_fraction": 0.05,
         "padding": False,
         "pad_maps": True,
-        "resize": "letterbox",
+        "map_border": "replicate",
+        "resize": "squash",  # as anomalib; letterbox bars move from image to image (README)
     }
+    # Options added after models were first saved: the value those older models used.
+    saved_model_defaults: ClassVar[dict[str, Any]] = {"map_border": "zeros", "resize": "letterbox"}
 
     def __init__(self, device: str = "auto", **config: Any) -> None:
         super().__init__(device=device, **config)
@@ -100,12 +104,15 @@ class EfficientAdAnomalyModel(AnomalyModel):
         # anomalib normalises inside the networks; feed [0, 1] pixels.
         self.mean, self.std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
         self.teacher_info: TeacherInfo | None = None
-        self.model = build_model(
-            self.config["model_size"], None, self.config["padding"], self.config["pad_maps"]
-        ).to(self.device)
+        self.model = self._build(None)
         self.model.eval()
 
     # ------------------------------------------------------------------ helpers
+    def _build(self, teacher: TeacherInfo | None) -> OfflineEfficientAdModel:
+        cfg = self.config
+        model = build_model(cfg["model_size"], teacher, cfg["padding"], cfg["pad_maps"], cfg["map_border"])
+        return model.to(self.device)
+
     def _datasets_dir(self) -> Path:
         from defect_assist.settings import get_settings
 
@@ -127,9 +134,7 @@ class EfficientAdAnomalyModel(AnomalyModel):
         started = time.perf_counter()
         cfg = self.config
         self.teacher_info = self._resolve_teacher()
-        self.model = build_model(cfg["model_size"], self.teacher_info, cfg["padding"], cfg["pad_maps"]).to(
-            self.device
-        )
+        self.model = self._build(self.teacher_info)
         teacher_seconds = time.perf_counter() - started
 
         # Training images stay in memory as half-precision [0, 1] tensors (650 images at 256 px ≈ 250 MB).

@@ -43,15 +43,68 @@ class ResizingAutoEncoder(AutoEncoder):
         return super().forward(x, image_size)
 
 
+MAP_BORDERS = ("replicate", "zeros")
+PDN_MAP_MARGIN = 4  # cells the unpadded PDN's output grid lacks on each side (stride 4: 16 px)
+
+
+class OfflineEfficientAdModel(EfficientAdModel):
+    """anomalib's EfficientAd network; how the map is extended over the image border is a choice.
+
+    Without PDN padding the output grid misses ``PDN_MAP_MARGIN`` cells on every side. anomalib pads
+    them with zeros (``map_border="zeros"``): a zero distance, i.e. "certainly normal", so a defect
+    touching the image border (tile breaks, edge bands) cannot score there. At 128 px that margin is
+    16 px of every side, a quarter of the image. ``"replicate"`` (our default) extends the nearest
+    computed cell instead. Weights, losses and training are unchanged.
+    """
+
+    def __init__(self, *args: object, map_border: str = "replicate", **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        if map_border not in MAP_BORDERS:
+            raise ValueError(f"map_border must be one of {MAP_BORDERS}; got {map_border!r}")
+        self.map_border = map_border
+
+    def compute_maps(
+        self,
+        batch: torch.Tensor,
+        student_output: torch.Tensor,
+        distance_st: torch.Tensor,
+        normalize: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student-teacher and student-autoencoder maps at ``batch``'s size, normalised by the quantiles."""
+        if self.map_border == "zeros" or not self.pad_maps:
+            return super().compute_maps(batch, student_output, distance_st, normalize)
+        image_size = batch.shape[-2:]
+        with torch.no_grad():
+            ae_output = self.ae(batch, image_size)
+            grid_st = distance_st.mean(dim=1, keepdim=True)
+            student_ae = student_output[:, self.teacher_out_channels :]
+            grid_stae = (ae_output - student_ae).pow(2).mean(dim=1, keepdim=True)
+        margin = (PDN_MAP_MARGIN,) * 4
+        map_st, map_stae = (
+            F.interpolate(F.pad(grid, margin, mode="replicate"), size=image_size, mode="bilinear")
+            for grid in (grid_st, grid_stae)
+        )
+        if normalize and self.is_set(self.quantiles):
+            q = self.quantiles
+            map_st = 0.1 * (map_st - q["qa_st"]) / (q["qb_st"] - q["qa_st"])
+            map_stae = 0.1 * (map_stae - q["qa_ae"]) / (q["qb_ae"] - q["qa_ae"])
+        return map_st, map_stae
+
+
 def build_model(
-    size: str, teacher: TeacherInfo | None, padding: bool = False, pad_maps: bool = True
-) -> EfficientAdModel:
+    size: str,
+    teacher: TeacherInfo | None,
+    padding: bool = False,
+    pad_maps: bool = True,
+    map_border: str = "replicate",
+) -> OfflineEfficientAdModel:
     """anomalib's EfficientAd model with ``teacher``'s weights (random init when ``None`` or ``random``)."""
-    model = EfficientAdModel(
+    model = OfflineEfficientAdModel(
         teacher_out_channels=TEACHER_OUT_CHANNELS,
         model_size=EfficientAdModelSize(size),
         padding=padding,
         pad_maps=pad_maps,
+        map_border=map_border,
     )
     model.ae = ResizingAutoEncoder(out_channels=TEACHER_OUT_CHANNELS, padding=padding)
     if teacher is not None:
