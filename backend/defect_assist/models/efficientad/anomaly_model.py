@@ -55,7 +55,8 @@ class EfficientAdAnomalyModel(AnomalyModel):
     ``penalty_dir`` (ImageFolder of natural images for the penalty loss; same default), ``schedule``
     (auto = paper on CUDA, cpu otherwise), and the schedule's values, each overridable: ``image_size``,
     ``max_steps``, ``lr``, ``val_every`` (steps between validation checks, 0 = never), ``patience``
-    (checks without >1 % improvement before stopping early, 0 = never), ``time_budget_s`` (0 = none).
+    (checks without >1 % improvement before stopping early, 0 = never), ``time_budget_s`` (0 = none);
+    ``resize`` (squash, as anomalib, or letterbox) and ``map_border`` (replicate, or anomalib's zeros).
     Inputs reach the networks as [0, 1] RGB: anomalib's PDN and autoencoder apply ImageNet
     normalisation themselves, so the base class's normalisation is the identity here.
     """
