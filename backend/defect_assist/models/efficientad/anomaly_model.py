@@ -83,8 +83,7 @@ class EfficientAdAnomalyModel(AnomalyModel):
         "map_border": "replicate",
         "resize": "squash",  # as anomalib; letterbox bars move from image to image (README)
     }
-    # Options added after models were first saved: the value those older models used.
-    saved_model_defaults: ClassVar[dict[str, Any]] = {"map_border": "zeros", "resize": "letterbox"}
+    saved_model_defaults: ClassVar[dict[str, Any]] = {"map_border": "zeros"}
 
     def __init__(self, device: str = "auto", **config: Any) -> None:
         super().__init__(device=device, **config)
