@@ -53,6 +53,25 @@ def test_tiny_teacher_loads_into_anomalib_pdn(tiny_teacher: TeacherInfo) -> None
     assert provenance["config"]["context"] == 32 and [h["step"] for h in provenance["history"]] == [0, 2, 4]
 
 
+def test_distill_teacher_command_uses_the_config_defaults(natural_images: Path, tmp_path: Path) -> None:
+    """`defect-assist distill-teacher` distils into the model store; options it is not given are DistillConfig's."""
+    from dataclasses import asdict
+
+    from typer.testing import CliRunner
+
+    from defect_assist.cli import app
+
+    args = ["distill-teacher", "--data", str(natural_images), "--model-dir", str(tmp_path)]
+    args += ["--steps", "2", "--batch-size", "2", "--name", "cli"]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "_teachers" / "cli"
+    assert json.loads(result.stdout[result.stdout.index("{") :])["teacher"] == str(folder / "teacher.pth")
+    stored = json.loads((folder / "provenance.json").read_text())["config"]
+    expected = asdict(DistillConfig(data=str(natural_images), steps=2, batch_size=2))
+    assert stored == expected and stored["steps"] == 2 and stored["crop_size"] == DistillConfig().crop_size
+
+
 def test_context_targets_align_with_pdn_output() -> None:
     """The backbone sees crop + context; the targets are the centre cells, on the PDN's output grid."""
     targets = teacher_mod.BackboneTargets(pretrained=False, context=16)

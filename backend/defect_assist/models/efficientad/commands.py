@@ -8,31 +8,37 @@ from typing import Annotated
 
 import typer
 
+from defect_assist.models.efficientad.distill_config import DistillConfig
+
+DEFAULTS = DistillConfig()
+
 
 def register(app: typer.Typer) -> None:
     """Add the EfficientAd commands to the CLI."""
 
     @app.command("distill-teacher")
     def distill_teacher_command(
-        size: Annotated[str, typer.Option(help="PDN size: small or medium.")] = "small",
+        size: Annotated[str, typer.Option(help="PDN size: small or medium.")] = DEFAULTS.size,
         data: Annotated[
             Path | None,
             typer.Option(help="Folder of natural images (default <DATASETS_DIR>/imagenet_sample)."),
         ] = None,
         backbone: Annotated[
             str, typer.Option(help="Offline ImageNet backbone giving the targets.")
-        ] = "tf_efficientnet_lite0",
-        steps: Annotated[int, typer.Option(help="Optimisation steps.")] = 1600,
-        batch_size: Annotated[int, typer.Option(help="Crops per step.")] = 4,
-        crop_size: Annotated[int, typer.Option(help="PDN input crop (the backbone sees 2x).")] = 64,
+        ] = DEFAULTS.backbone,
+        steps: Annotated[int, typer.Option(help="Optimisation steps.")] = DEFAULTS.steps,
+        batch_size: Annotated[int, typer.Option(help="Crops per step.")] = DEFAULTS.batch_size,
+        crop_size: Annotated[
+            int, typer.Option(help="PDN input crop (the backbone sees 2x).")
+        ] = DEFAULTS.crop_size,
         context: Annotated[
             int, typer.Option(help="Pixels of context per side that only the backbone sees (multiple of 4).")
-        ] = 32,
+        ] = DEFAULTS.context,
         target_strides: Annotated[
             str, typer.Option(help="Backbone blocks to regress: 8, 16 or 8+16 (stride).")
-        ] = "8",
-        lr: Annotated[float, typer.Option(help="Adam learning rate (cosine decay).")] = 1e-3,
-        seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+        ] = DEFAULTS.target_strides,
+        lr: Annotated[float, typer.Option(help="Adam learning rate (cosine decay).")] = DEFAULTS.lr,
+        seed: Annotated[int, typer.Option(help="Random seed.")] = DEFAULTS.seed,
         name: Annotated[str | None, typer.Option(help="Cache name under <MODEL_DIR>/_teachers/.")] = None,
         model_dir: Annotated[Path | None, typer.Option(help="Model store root (default MODEL_DIR).")] = None,
         fresh: Annotated[bool, typer.Option("--fresh", help="Ignore an existing checkpoint.")] = False,
@@ -45,7 +51,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Distil a PDN teacher from an offline ImageNet backbone; cached with provenance."""
         from defect_assist.models.efficientad.teacher import (
-            DistillConfig,
             default_teacher_name,
             distill_teacher,
             install_for_anomalib,
