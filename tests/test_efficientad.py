@@ -54,7 +54,7 @@ def test_tiny_teacher_loads_into_anomalib_pdn(tiny_teacher: TeacherInfo) -> None
 
 
 def test_distill_teacher_command_uses_the_config_defaults(natural_images: Path, tmp_path: Path) -> None:
-    """`defect-assist distill-teacher` distils into the model store; options it is not given are DistillConfig's."""
+    """`distill-teacher` writes into the model store; options it is not given are DistillConfig's."""
     from dataclasses import asdict
 
     from typer.testing import CliRunner
