@@ -124,6 +124,24 @@ def test_replicated_map_border_scores_the_image_edge() -> None:
     torch.testing.assert_close(maps["replicate"][40:216, 40:216], maps["zeros"][40:216, 40:216])
 
 
+def test_padded_pdn_maps_have_no_margin() -> None:
+    """With padding=True the grid covers the image: no margin is added, whatever pad_maps says."""
+    from anomalib.models.image.efficient_ad.torch_model import EfficientAdModel
+
+    from defect_assist.models.efficientad.torch_model import build_model
+
+    image = torch.rand(1, 3, 256, 256)
+    padded = build_model("small", None, padding=True, pad_maps=True).eval()
+    anomalib = EfficientAdModel(teacher_out_channels=384, padding=True, pad_maps=False).eval()
+    anomalib.load_state_dict(padded.state_dict())
+    with torch.no_grad():
+        student, distance = padded.compute_student_teacher_distance(image)
+        ours = padded.compute_maps(image, student, distance, normalize=False)[0]
+        reference = anomalib.compute_maps(image, student, distance, normalize=False)[0]
+    assert distance.shape[-2:] == (64, 64) and not padded.pad_maps
+    torch.testing.assert_close(ours, reference)
+
+
 def test_distillation_is_seeded_and_resumes(
     natural_images: Path, tiny_teacher: TeacherInfo, tmp_path: Path
 ) -> None:

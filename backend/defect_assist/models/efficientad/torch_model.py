@@ -103,7 +103,9 @@ def build_model(
         teacher_out_channels=TEACHER_OUT_CHANNELS,
         model_size=EfficientAdModelSize(size),
         padding=padding,
-        pad_maps=pad_maps,
+        # anomalib documents pad_maps as "only relevant if padding=False" but pads regardless; a padded
+        # PDN's grid already covers the image, so the margin exists only without padding.
+        pad_maps=pad_maps and not padding,
         map_border=map_border,
     )
     model.ae = ResizingAutoEncoder(out_channels=TEACHER_OUT_CHANNELS, padding=padding)
