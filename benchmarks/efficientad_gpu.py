@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from defect_assist.models.efficientad.torch_model import build_model
+from defect_assist.core.models.efficientad.torch_model import build_model
 
 
 def images_per_second(

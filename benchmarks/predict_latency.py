@@ -23,10 +23,10 @@ import httpx
 import numpy as np
 import uvicorn
 
-from defect_assist.models import create_model
-from defect_assist.server import create_app
-from defect_assist.settings import Settings, resolve_device
-from defect_assist.store import ModelStore
+from defect_assist.core.models import create_model
+from defect_assist.core.settings import Settings, resolve_device
+from defect_assist.core.store import ModelStore
+from defect_assist.serving import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = (ROOT / "backend/defect_assist/server/labeling_config.xml").read_text()
@@ -63,7 +63,7 @@ def main() -> None:
         store = ModelStore(tmp)
         version = store.publish("1", model).version
         settings = Settings(model_dir=Path(tmp), device=device, label_studio_url="http://127.0.0.1:9")
-        app = create_app(settings, webhook_handler=None)
+        app = create_app(settings)
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]

@@ -44,7 +44,7 @@ def label_studio_project(normals: list[Path], tmp: Path) -> tuple[object, str]:
     """A running Label Studio with a project of ``normals`` (local files), each annotated "normal"."""
     import shutil
 
-    from defect_assist.local_label_studio import (
+    from defect_assist_tools.local_label_studio import (
         CONFIG,
         ensure_label_studio,
         free_port,
@@ -106,8 +106,8 @@ def main() -> None:
         PYTHONWARNINGS="ignore",
     )
     os.environ.update(env)
-    from defect_assist.settings import get_settings
-    from defect_assist.store import ModelStore
+    from defect_assist.core.settings import get_settings
+    from defect_assist.core.store import ModelStore
     from defect_assist_worker.triggers import request_retrain
 
     project, label_studio = "bench", None
@@ -193,7 +193,7 @@ def main() -> None:
         worker.wait(timeout=30)
         server.stop()
         if label_studio is not None:
-            from defect_assist.local_label_studio import stop_label_studio
+            from defect_assist_tools.local_label_studio import stop_label_studio
 
             stop_label_studio(label_studio)
 

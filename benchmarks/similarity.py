@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from defect_assist.models import create_model, load_model, model_class
+from defect_assist.core.models import create_model, load_model, model_class
 from defect_assist.similarity.embedding import WEIGHTS, SimilarityEmbedder, combine
 from defect_assist.similarity.index import SimilarityIndex, _payload, content_hash
 from defect_assist.similarity.mvtec import walk_folder
@@ -123,7 +123,7 @@ def main() -> None:
     records = walk_folder(args.data)
     train = [r.path for r in records if r.split == "train"]
     # the cache is keyed on the whole model configuration: a change of defaults retrains
-    config = {**model_class("patchcore").default_config, "image_size": args.image_size}
+    config = model_class("patchcore").config_class.from_options({"image_size": args.image_size}).to_dict()
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     model_dir = args.cache / f"patchcore-{args.image_size}-{key}"
     started = time.perf_counter()

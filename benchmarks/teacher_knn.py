@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from defect_assist.evaluation import image_auroc, load_category, read_mask
-from defect_assist.models.efficientad.teacher import BackboneTargets, build_pdn
+from defect_assist.core.evaluation import image_auroc, load_category, read_mask
+from defect_assist.core.models.efficientad.teacher import BackboneTargets, build_pdn
 
 
 def load_square(path: Path, size: int) -> torch.Tensor:

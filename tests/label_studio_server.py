@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from defect_assist.local_label_studio import (
+from defect_assist_tools.local_label_studio import (
     CONFIG,
     DATASETS,
     PASSWORD,

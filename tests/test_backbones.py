@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from defect_assist import backbones
-from defect_assist.images import load_image
+from defect_assist.core import backbones
+from defect_assist.core.images import load_image
 
 
 def _imagenet_batch(root: Path, size: int, mean, std, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +68,7 @@ def test_mapping_by_order_fails_loudly_on_mismatch() -> None:
 
 
 def test_feature_extractor_gets_the_classifier_weights() -> None:
-    from defect_assist.models.patchcore.torch_model import FastPatchcoreModel
+    from defect_assist.core.models.patchcore.torch_model import FastPatchcoreModel
 
     model = FastPatchcoreModel(backbone="tf_efficientnet_lite0")
     reference = backbones.pretrained_state_dict("tf_efficientnet_lite0")

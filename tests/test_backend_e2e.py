@@ -21,10 +21,10 @@ import uvicorn
 from label_studio_server import PASSWORD, USER, LabelStudioProject, free_port
 from PIL import Image
 
-from defect_assist.label_studio import rle_to_mask
-from defect_assist.server import create_app
-from defect_assist.settings import Settings
-from defect_assist.store import ModelStore
+from defect_assist.core.settings import Settings
+from defect_assist.core.store import ModelStore
+from defect_assist.label_studio.regions import rle_to_mask
+from defect_assist.serving import create_app
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,13 +14,13 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from defect_assist.label_studio import rle_to_mask
-from defect_assist.server import create_app
-from defect_assist.settings import Settings
-from defect_assist.store import ModelStore
+from defect_assist.core.settings import Settings
+from defect_assist.core.store import ModelStore
+from defect_assist.label_studio.regions import rle_to_mask
+from defect_assist.serving import create_app
 
 CONFIG = (
-    Path(__file__).resolve().parents[1] / "backend/defect_assist/server/labeling_config.xml"
+    Path(__file__).resolve().parents[1] / "backend/defect_assist/label_studio/labeling_config.xml"
 ).read_text()
 
 
@@ -178,7 +178,7 @@ def test_basic_auth(tmp_path: Path) -> None:
 
 
 def test_serve_command_is_registered() -> None:
-    from defect_assist.cli import app
+    from defect_assist_tools.cli import app
 
     result = CliRunner().invoke(app, ["serve", "--help"])
     assert result.exit_code == 0

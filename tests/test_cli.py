@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from defect_assist.cli import app
+from defect_assist_tools.cli import app
 
 runner = CliRunner()
 
@@ -24,23 +24,9 @@ def _run(*args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny_mvtec(tmp_path_factory, magnetic_tile: Path) -> Path:
-    """A small MVTec-layout category (copies: tests never write into the shared datasets)."""
-    root = tmp_path_factory.mktemp("mvtec") / "tile"
-    (root / "train" / "good").mkdir(parents=True)
-    for path in sorted((magnetic_tile / "train" / "good").glob("*.jpg"))[::40][:14]:
-        shutil.copy(path, root / "train" / "good")
-    (root / "test" / "good").mkdir(parents=True)
-    for path in sorted((magnetic_tile / "test" / "good").glob("*.jpg"))[::20][:6]:
-        shutil.copy(path, root / "test" / "good")
-    for defect in ("break", "uneven"):
-        (root / "test" / defect).mkdir(parents=True)
-        (root / "ground_truth" / defect).mkdir(parents=True)
-        for path in sorted((magnetic_tile / "test" / defect).glob("*.jpg"))[::12][:3]:
-            shutil.copy(path, root / "test" / defect)
-            mask = magnetic_tile / "ground_truth" / defect / f"{path.stem}_mask.png"
-            shutil.copy(mask, root / "ground_truth" / defect)
-    return root
+def tiny_mvtec(make_tiny_mvtec) -> Path:
+    """A small MVTec-layout category: 14 train normals, 6 test normals, 3 breaks and 3 uneven."""
+    return make_tiny_mvtec()
 
 
 def test_train_predict_versions_rollback(tiny_mvtec: Path, tmp_path: Path) -> None:

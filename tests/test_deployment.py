@@ -11,8 +11,8 @@ import pytest
 import yaml
 from typer.main import get_command
 
-from defect_assist.cli import app
-from defect_assist.settings import Settings
+from defect_assist.core.settings import Settings
+from defect_assist_tools.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = ("backend", "worker", "fiftyone")

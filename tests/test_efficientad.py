@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from defect_assist.models.efficientad import teacher as teacher_mod
-from defect_assist.models.efficientad.teacher import DistillConfig, TeacherInfo, distill_teacher
+from defect_assist.core.models.efficientad import teacher as teacher_mod
+from defect_assist.core.models.efficientad.teacher import DistillConfig, TeacherInfo, distill_teacher
 
 TINY = {
     "steps": 4,
@@ -59,7 +59,7 @@ def test_distill_teacher_command_uses_the_config_defaults(natural_images: Path, 
 
     from typer.testing import CliRunner
 
-    from defect_assist.cli import app
+    from defect_assist_tools.cli import app
 
     args = ["distill-teacher", "--data", str(natural_images), "--model-dir", str(tmp_path)]
     args += ["--steps", "2", "--batch-size", "2", "--name", "cli"]
@@ -100,7 +100,7 @@ def test_replicated_map_border_scores_the_image_edge() -> None:
     """The unpadded PDN grid misses 4 cells (16 px) per side: replicated, not zeros as anomalib pads."""
     from anomalib.models.image.efficient_ad.torch_model import EfficientAdModel
 
-    from defect_assist.models.efficientad.torch_model import build_model
+    from defect_assist.core.models.efficientad.torch_model import build_model
 
     image = torch.rand(1, 3, 256, 256)  # anomalib's own autoencoder needs >= 256 px
     replicate = build_model("small", None, map_border="replicate").eval()
@@ -128,7 +128,7 @@ def test_padded_pdn_maps_have_no_margin() -> None:
     """With padding=True the grid covers the image: no margin is added, whatever pad_maps says."""
     from anomalib.models.image.efficient_ad.torch_model import EfficientAdModel
 
-    from defect_assist.models.efficientad.torch_model import build_model
+    from defect_assist.core.models.efficientad.torch_model import build_model
 
     image = torch.rand(1, 3, 256, 256)
     padded = build_model("small", None, padding=True, pad_maps=True).eval()
@@ -227,7 +227,7 @@ def test_efficientad_end_to_end(
     0.42-0.64 for 60-300 steps and three seeds), so they are only used for the shape checks; the real-data
     figures are in the model's README (1,500 steps, full data).
     """
-    from defect_assist.models import create_model, load_model
+    from defect_assist.core.models import create_model, load_model
 
     model = create_model(
         "efficientad",
@@ -240,7 +240,7 @@ def test_efficientad_end_to_end(
         patience=0,
         time_budget_s=0,
     )
-    assert model.config["resize"] == "squash" and model.config["map_border"] == "replicate"
+    assert model.config.resize == "squash" and model.config.map_border == "replicate"
     report = model.fit(train_normals, seed=0)
     assert report.details["steps"] == 300 and report.details["teacher"] == "file"
     normals, defects = test_images["normal"], test_images["anomalous"]

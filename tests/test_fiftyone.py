@@ -28,16 +28,16 @@ fo = pytest.importorskip("fiftyone")
 import fiftyone.operators as foo  # noqa: E402
 from qdrant_client import QdrantClient  # noqa: E402
 
+from defect_assist.core.models import create_model  # noqa: E402
+from defect_assist.core.settings import get_settings  # noqa: E402
+from defect_assist.core.store import ModelStore  # noqa: E402
 from defect_assist.explore.fiftyone_dataset import SIMILARITY_KEY, VISUALIZATION_KEY, build_dataset  # noqa: E402
-from defect_assist.explore.label_studio_tasks import build_tasks  # noqa: E402
 from defect_assist.explore.qdrant_backend import QdrantLocalSimilarityIndex  # noqa: E402
-from defect_assist.local_label_studio import free_port  # noqa: E402
-from defect_assist.models import create_model  # noqa: E402
-from defect_assist.settings import get_settings  # noqa: E402
+from defect_assist.explore.review_tasks import build_tasks  # noqa: E402
 from defect_assist.similarity.embedding import SimilarityEmbedder  # noqa: E402
 from defect_assist.similarity.index import SimilarityIndex, update_index  # noqa: E402
 from defect_assist.similarity.mvtec import walk_folder  # noqa: E402
-from defect_assist.store import ModelStore  # noqa: E402
+from defect_assist_tools.local_label_studio import free_port  # noqa: E402
 
 PROJECT = "fo"
 PLUGIN = "@defect-assist/defect_assist"
@@ -49,24 +49,17 @@ LS_CONFIG = """<View>
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, magnetic_tile: Path):
+def env(tmp_path_factory, make_tiny_mvtec):
     """A tiny MVTec copy, a published 64 px PatchCore and settings pointing at temp dirs."""
-    root = tmp_path_factory.mktemp("fodata") / "tile"
-    (root / "train" / "good").mkdir(parents=True)
-    for path in sorted((magnetic_tile / "train" / "good").glob("*.jpg"))[::60][:10]:
-        shutil.copy(path, root / "train" / "good")
-    (root / "test" / "good").mkdir(parents=True)
-    for path in sorted((magnetic_tile / "test" / "good").glob("*.jpg"))[::50][:3]:
-        shutil.copy(path, root / "test" / "good")
-    for defect in ("break", "fray"):
-        (root / "test" / defect).mkdir(parents=True)
-        (root / "ground_truth" / defect).mkdir(parents=True)
-        for path in sorted((magnetic_tile / "test" / defect).glob("*.jpg"))[::8][:2]:
-            shutil.copy(path, root / "test" / defect)
-            shutil.copy(
-                magnetic_tile / "ground_truth" / defect / f"{path.stem}_mask.png",
-                root / "ground_truth" / defect,
-            )
+    root = make_tiny_mvtec(
+        n_train=10,
+        train_every=60,
+        n_good=3,
+        good_every=50,
+        defects=("break", "fray"),
+        n_defect=2,
+        defect_every=8,
+    )
     work = tmp_path_factory.mktemp("fowork")
     saved = {k: os.environ.get(k) for k in ("MODEL_DIR", "QDRANT_PATH", "QDRANT_URL", "CACHE_DIR", "DEVICE")}
     os.environ.update(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from defect_assist.images import ImageLoadError, collect_images, load_image
+from defect_assist.core.images import ImageLoadError, collect_images, load_image
 
 
 def _encode(image: Image.Image, fmt: str) -> bytes:

@@ -11,20 +11,13 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
-from defect_assist.label_studio import (
-    ControlSpec,
-    LabelConfigError,
-    LabelStudioClient,
-    LabelStudioError,
-    mask_to_rle,
-    prediction_regions,
-    project_id,
-    rle_to_mask,
-)
-from defect_assist.models import Prediction
+from defect_assist.core.models import Prediction
+from defect_assist.label_studio.client import LabelStudioClient, LabelStudioError, project_id
+from defect_assist.label_studio.label_config import ControlSpec, LabelConfigError
+from defect_assist.label_studio.regions import mask_to_rle, prediction_regions, rle_to_mask
 
 CONFIG = (
-    Path(__file__).resolve().parents[1] / "backend/defect_assist/server/labeling_config.xml"
+    Path(__file__).resolve().parents[1] / "backend/defect_assist/label_studio/labeling_config.xml"
 ).read_text()
 TOKEN = "secret-token"
 

@@ -8,7 +8,7 @@ import torch
 from scipy import ndimage
 from sklearn.metrics import f1_score, precision_recall_curve, roc_auc_score, roc_curve
 
-from defect_assist.evaluation import f1_at, f1_max, image_auroc, pixel_aupro
+from defect_assist.core.evaluation import f1_at, f1_max, image_auroc, pixel_aupro
 
 
 @pytest.fixture

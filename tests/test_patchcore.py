@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from defect_assist.models import create_model, load_model
-from defect_assist.models.patchcore.torch_model import coverage_select, estimate_radius
+from defect_assist.core.models import create_model, load_model
+from defect_assist.core.models.patchcore.torch_model import coverage_select, estimate_radius
 
 
 def test_predictions_have_original_size_and_consistent_verdicts(small_patchcore, test_images) -> None:
@@ -124,7 +124,7 @@ def test_lightning_wrapper_runs_anomalib_steps() -> None:
     """The anomalib Lightning module builds its bank with the coverage coreset and scores batches."""
     from anomalib.data import ImageBatch
 
-    from defect_assist.models.patchcore.lightning_model import FastPatchcore
+    from defect_assist.core.models.patchcore.lightning_model import FastPatchcore
 
     torch.manual_seed(0)
     module = FastPatchcore(image_size=64)
@@ -143,7 +143,7 @@ def test_lightning_wrapper_runs_anomalib_steps() -> None:
 def test_separable_blur_equals_anomalib_gaussian_blur(sigma: int) -> None:
     from anomalib.models.components import GaussianBlur2d
 
-    from defect_assist.models.patchcore.torch_model import gaussian_blur
+    from defect_assist.core.models.patchcore.torch_model import gaussian_blur
 
     size = 2 * int(4.0 * sigma + 0.5) + 1
     reference = GaussianBlur2d(kernel_size=(size, size), sigma=(sigma, sigma), channels=1)
@@ -152,7 +152,7 @@ def test_separable_blur_equals_anomalib_gaussian_blur(sigma: int) -> None:
 
 
 def test_balanced_layers_weigh_each_layer_equally_per_channel() -> None:
-    from defect_assist.models.patchcore.torch_model import FastPatchcoreModel
+    from defect_assist.core.models.patchcore.torch_model import FastPatchcoreModel
 
     balanced = FastPatchcoreModel(backbone="tf_efficientnet_lite0", pretrained=False)
     plain = FastPatchcoreModel(backbone="tf_efficientnet_lite0", pretrained=False, balance_layers=False)
@@ -178,4 +178,4 @@ def test_models_saved_before_layer_balancing_load_unbalanced(small_patchcore, tm
     payload["config"].pop("balance_layers")  # as written before the option existed
     torch.save(payload, tmp_path / "weights.pt")
     restored = load_model(tmp_path, device="cpu")
-    assert restored.config["balance_layers"] is False
+    assert restored.config.balance_layers is False

@@ -10,35 +10,19 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from defect_assist.models import create_model
+from defect_assist.core.models import create_model
+from defect_assist.core.store import ModelStore
 from defect_assist.similarity.embedding import SimilarityEmbedder, verdict_vector
 from defect_assist.similarity.index import SimilarityIndex, content_hash, query_similar, update_index
 from defect_assist.similarity.mvtec import walk_folder
-from defect_assist.store import ModelStore
 
 PROJECT = "sim"
 
 
 @pytest.fixture(scope="module")
-def tile_folder(tmp_path_factory, magnetic_tile: Path) -> Path:
+def tile_folder(make_tiny_mvtec) -> Path:
     """A small MVTec-layout copy: 12 train normals, 4 test normals, 3 break + 3 uneven with masks."""
-    root = tmp_path_factory.mktemp("simdata") / "tile"
-    (root / "train" / "good").mkdir(parents=True)
-    for path in sorted((magnetic_tile / "train" / "good").glob("*.jpg"))[::50][:12]:
-        shutil.copy(path, root / "train" / "good")
-    (root / "test" / "good").mkdir(parents=True)
-    for path in sorted((magnetic_tile / "test" / "good").glob("*.jpg"))[::35][:4]:
-        shutil.copy(path, root / "test" / "good")
-    for defect in ("break", "uneven"):
-        (root / "test" / defect).mkdir(parents=True)
-        (root / "ground_truth" / defect).mkdir(parents=True)
-        for path in sorted((magnetic_tile / "test" / defect).glob("*.jpg"))[::10][:3]:
-            shutil.copy(path, root / "test" / defect)
-            shutil.copy(
-                magnetic_tile / "ground_truth" / defect / f"{path.stem}_mask.png",
-                root / "ground_truth" / defect,
-            )
-    return root
+    return make_tiny_mvtec(n_train=12, train_every=50, n_good=4, good_every=35, defect_every=10)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +100,7 @@ def test_index_incremental_query_and_stale(tile_folder: Path, store: ModelStore,
 
 
 def test_cli_index_and_similar_json(tile_folder: Path, store: ModelStore, tmp_path: Path) -> None:
-    from defect_assist.cli import app
+    from defect_assist_tools.cli import app
 
     runner = CliRunner()
     common = [
@@ -151,8 +135,8 @@ def test_http_similar_endpoint(tile_folder: Path, store: ModelStore, tmp_path: P
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from defect_assist.settings import get_settings
-    from defect_assist.similarity.api import router
+    from defect_assist.core.settings import get_settings
+    from defect_assist.serving.similarity_routes import router
 
     monkeypatch.setenv("MODEL_DIR", str(store.root))
     monkeypatch.setenv("QDRANT_PATH", str(tmp_path / "q"))

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from defect_assist.local_label_studio import ensure_label_studio, free_port, template_data_dir
-from defect_assist.store import ModelStore
+from defect_assist.core.store import ModelStore
+from defect_assist_tools.local_label_studio import ensure_label_studio, free_port, template_data_dir
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def test_stack_trains_first_model_and_connects_label_studio(tmp_path: Path, magn
         "REDIS_URL": "",
     }
     command = [
-        sys.executable, "-m", "defect_assist", "stack", "--smoke", "--label-studio",
+        sys.executable, "-m", "defect_assist_tools", "stack", "--smoke", "--label-studio",
         "--data", str(magnetic_tile), "--max-train", "16", "--tasks", "4",
         "--port", str(free_port()), "--label-studio-port", str(free_port()),
         "--state-dir", str(tmp_path / "stack"),

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from defect_assist.models.base import METADATA_FILE
-from defect_assist.store import CURRENT_FILE, ModelStore, StoreError
+from defect_assist.core.models.metadata import METADATA_FILE
+from defect_assist.core.store import CURRENT_FILE, ModelStore, StoreError
 
 
 def test_publish_list_load_and_rollback(tmp_path: Path, small_patchcore) -> None:
@@ -53,7 +53,7 @@ def test_metadata_records_what_was_trained(tmp_path: Path, small_patchcore) -> N
 
 def _publish_slowly(root: str, model_dir: str) -> None:
     """Child process: publish while the save is artificially slow, to be killed mid-write."""
-    from defect_assist.models import load_model
+    from defect_assist.core.models import load_model
 
     model = load_model(model_dir, device="cpu")
     original_save = model.save

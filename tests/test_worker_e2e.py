@@ -18,7 +18,7 @@ import httpx
 import pytest
 from worker_support import ROOT, WorkerProcess, wait_for
 
-from defect_assist.local_label_studio import free_port
+from defect_assist_tools.local_label_studio import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -33,7 +33,7 @@ def _up(url: str) -> bool:
 @pytest.fixture
 def stack(tmp_path: Path, label_studio, monkeypatch: pytest.MonkeyPatch):
     """Our backend, a redis-server and a worker around the session's Label Studio."""
-    from defect_assist.settings import get_settings
+    from defect_assist.core.settings import get_settings
     from defect_assist_worker.redis_server import RedisServer
 
     server = RedisServer(tmp_path / "redis")
@@ -63,7 +63,7 @@ def stack(tmp_path: Path, label_studio, monkeypatch: pytest.MonkeyPatch):
                 "10",
                 sys.executable,
                 "-m",
-                "defect_assist.cli",
+                "defect_assist_tools.cli",
                 "serve",
                 "--host",
                 "127.0.0.1",
@@ -92,12 +92,12 @@ def stack(tmp_path: Path, label_studio, monkeypatch: pytest.MonkeyPatch):
 
 
 def test_normal_annotations_in_label_studio_retrain_and_serve_new_version(stack, train_normals):
-    from defect_assist.store import ModelStore
+    from defect_assist.core.store import ModelStore
 
     ls = httpx.Client(
         base_url=stack["ls"].url, headers={"Authorization": f"Token {stack['ls'].token}"}, timeout=60
     )
-    config = (ROOT / "backend" / "defect_assist" / "server" / "labeling_config.xml").read_text()
+    config = (ROOT / "backend" / "defect_assist" / "label_studio" / "labeling_config.xml").read_text()
     project = stack["ls"].create_project("worker-e2e", config)
     names = [p.name for p in train_normals[:5]]
     stack["ls"].import_local_files(

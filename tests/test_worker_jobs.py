@@ -24,7 +24,7 @@ def _brush(mask: np.ndarray) -> dict:
 
 
 def test_annotation_verdicts_and_brush_masks():
-    from defect_assist_worker.label_studio_export import classify_annotation, labeled_images
+    from defect_assist.label_studio.annotations import classify_annotation, labeled_images
 
     choice = {"from_name": "verdict", "to_name": "image", "type": "choices"}
     mask = np.zeros((20, 30), bool)
@@ -57,7 +57,7 @@ def test_annotation_verdicts_and_brush_masks():
 
 
 def test_image_cache_is_content_addressed(tmp_path: Path):
-    from defect_assist_worker.jobs import ImageCache, digest_of
+    from defect_assist.training.image_cache import ImageCache, digest_of
 
     cache = ImageCache(tmp_path)
     first = cache.put(b"same bytes", "/data/local-files/?d=x/a.jpg")
@@ -70,10 +70,10 @@ def test_image_cache_is_content_addressed(tmp_path: Path):
 def test_train_evaluate_calibrate_publish_full_then_incremental(
     tmp_path: Path, train_normals, magnetic_tile, monkeypatch
 ):
-    from defect_assist.settings import Settings
+    from defect_assist.core.settings import Settings
+    from defect_assist.core.store import ModelStore
     from defect_assist.similarity.index import SimilarityIndex
-    from defect_assist.store import ModelStore
-    from defect_assist_worker.jobs import train_and_publish
+    from defect_assist.training.pipeline import train_and_publish
 
     settings = Settings(
         model_dir=tmp_path / "models",

@@ -27,7 +27,7 @@ TINY = {"image_size": 64}
 @pytest.fixture
 def worker_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A fresh embedded redis-server (AOF) and the environment the worker processes get."""
-    from defect_assist.settings import get_settings
+    from defect_assist.core.settings import get_settings
     from defect_assist_worker.redis_server import RedisServer
 
     server = RedisServer(tmp_path / "redis")
@@ -81,7 +81,7 @@ def _wait_job(connection, job_id: str, timeout: float, workers: list[WorkerProce
 
 
 def test_two_triggers_one_job_and_one_followup_never_concurrent(worker_env, train_normals):
-    from defect_assist.store import ModelStore
+    from defect_assist.core.store import ModelStore
     from defect_assist_worker.status import list_jobs
     from defect_assist_worker.triggers import request_retrain
 
@@ -121,9 +121,9 @@ def test_two_triggers_one_job_and_one_followup_never_concurrent(worker_env, trai
 
 
 def test_kill9_worker_mid_training_keeps_old_version_and_reruns(worker_env, train_normals, magnetic_tile):
-    from defect_assist.settings import get_settings
-    from defect_assist.store import ModelStore
-    from defect_assist_worker.jobs import train_and_publish
+    from defect_assist.core.settings import get_settings
+    from defect_assist.core.store import ModelStore
+    from defect_assist.training.pipeline import train_and_publish
     from defect_assist_worker.triggers import request_retrain
 
     connection = _connection(worker_env["url"])
@@ -166,7 +166,7 @@ def test_kill9_worker_mid_training_keeps_old_version_and_reruns(worker_env, trai
 
 
 def test_redis_restart_with_queued_job_still_runs(worker_env, train_normals):
-    from defect_assist.store import ModelStore
+    from defect_assist.core.store import ModelStore
     from defect_assist_worker.triggers import request_retrain
 
     server = worker_env["server"]
@@ -209,7 +209,7 @@ def test_http_router_requests_retrain_and_lists_jobs(worker_env, train_normals):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from defect_assist_worker.api import router
+    from defect_assist_worker.routes import router
 
     app = FastAPI()
     app.include_router(router)

@@ -7,16 +7,17 @@
   heatmaps, masks, verdicts, embeddings, the 2-D plot and the similarity index, and refreshes the
   project's Qdrant index (new model version → stale points re-embedded).
 * ``send_to_label_studio`` — creates Label Studio tasks for the selected samples with our
-  predictions attached (verdict choice + brush mask), through ``defect_assist.label_studio`` when
-  installed, else a minimal REST call.
-* ``trigger_retrain`` (delegated) — enqueues a retrain on the worker's queue
-  (``defect_assist_worker``); without the worker package it trains in the delegated operation.
+  predictions attached (verdict choice + brush mask), through the Label Studio adapter.
+* ``trigger_retrain`` (delegated) — enqueues a retrain on the worker's queue (``defect_assist_worker``,
+  when rq is installed); otherwise it trains in the delegated operation. Both run the one training path.
 
 The project id comes from the ``project`` parameter or the dataset's ``info["defect_assist"]``.
 """
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 import fiftyone.operators as foo
@@ -118,8 +119,8 @@ class ComputePredictions(foo.Operator):
     def execute(self, ctx: Any) -> dict[str, Any]:
         from pathlib import Path
 
+        from defect_assist.core.settings import get_settings
         from defect_assist.explore.fiftyone_dataset import add_predictions, compute_brain_runs
-        from defect_assist.settings import get_settings
         from defect_assist.similarity.index import update_index
         from defect_assist.similarity.mvtec import ImageRecord
         from defect_assist.similarity.service import open_context
@@ -177,7 +178,7 @@ class SendToLabelStudio(foo.Operator):
         return types.Property(inputs, view=types.View(label="Send to Label Studio"))
 
     def execute(self, ctx: Any) -> dict[str, Any]:
-        from defect_assist.explore.label_studio_tasks import create_review_tasks
+        from defect_assist.explore.review_tasks import create_review_tasks
 
         ids = _target_ids(ctx)
         if not ids:
@@ -217,14 +218,33 @@ class TriggerRetrain(foo.Operator):
         return bool(ctx.params.get("delegate", True))
 
     def execute(self, ctx: Any) -> dict[str, Any]:
-        from defect_assist.explore.retrain import request_retrain
-
         view = ctx.target_view() if hasattr(ctx, "target_view") else ctx.view
         images: list[str] = []
         if ctx.params.get("normals_from_view", True):
             normals = view.match({"ground_truth.label": "normal", "split": "train"})
             images = normals.values("filepath")
         return request_retrain(_project(ctx), images, use_queue=bool(ctx.params.get("use_queue", True)))
+
+
+def request_retrain(project: str, images: list[str], use_queue: bool = True) -> dict[str, Any]:
+    """Retrain ``project`` on ``images``: a job on the worker's queue, or here (the operator is delegated).
+
+    Either way it is the one training path (:func:`defect_assist.training.pipeline.train_and_publish`).
+    """
+    if use_queue and importlib.util.find_spec("rq") is not None:
+        from defect_assist_worker.triggers import request_retrain as enqueue
+
+        answer = enqueue(project, "fiftyone", images=images or None)
+        return {"queued": True, "job_id": answer["job_id"], "status": answer["status"], "images": len(images)}
+    from defect_assist.core.settings import get_settings
+    from defect_assist.training.pipeline import train_and_publish
+
+    if not images:
+        raise ValueError("no normal training images in the view and no worker queue to ask")
+    result = train_and_publish(
+        project, [Path(p) for p in images], settings=get_settings(), extra={"source": "fiftyone"}
+    )
+    return {"queued": False, "version": result["version"], "trained_on": result["trained_on"]}
 
 
 def register(plugin: Any) -> None:

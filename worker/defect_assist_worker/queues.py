@@ -5,6 +5,7 @@ from __future__ import annotations
 import redis
 from rq import Queue
 
+from defect_assist.core.settings import Settings
 from defect_assist_worker.redis_server import connect
 
 RETRAIN_QUEUE = "defect-assist-retrain"
@@ -17,7 +18,11 @@ def project_key(project: str, suffix: str) -> str:
     return f"{KEY_PREFIX}:project:{project}:{suffix}"
 
 
-def get_connection(settings=None, start: bool = True) -> redis.Redis:
+def get_connection(settings: Settings | None = None, start: bool = False) -> redis.Redis:
+    """A client for ``REDIS_URL`` or the running embedded Redis; ``start`` starts it when it is not running.
+
+    Only the worker starts the embedded server: a web process (``GET /jobs``, a webhook) never does.
+    """
     return connect(settings, start=start)
 
 

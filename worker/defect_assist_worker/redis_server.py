@@ -213,7 +213,7 @@ def pid_alive(pid: int) -> bool:
 def redis_url(settings=None, start: bool = True) -> str:
     """``REDIS_URL`` when set; otherwise the embedded server's URL, starting it if needed."""
     if settings is None:
-        from defect_assist.settings import get_settings
+        from defect_assist.core.settings import get_settings
 
         settings = get_settings()
     if settings.redis_url:

@@ -26,7 +26,8 @@ from rq import Queue, Retry
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
-from defect_assist.settings import get_settings
+from defect_assist.core.settings import get_settings
+from defect_assist.label_studio.annotations import classify_annotation
 from defect_assist_worker.queues import RETRAIN_QUEUE, get_connection, project_key
 
 logger = logging.getLogger(__name__)
@@ -136,15 +137,6 @@ def request_retrain(
         return {"status": "queued", "job_id": job.id, "project": project, "delay_s": delay}
 
 
-def enqueue_retrain(
-    project: str | int, images: list[str] | None = None, reason: str = "fiftyone", **kwargs: Any
-) -> Job:
-    """Request a retrain and return the rq job that will cover it (used by the FiftyOne plugin)."""
-    answer = request_retrain(project, reason, images=images, **kwargs)
-    connection = kwargs.get("connection") or get_connection()
-    return Job.fetch(answer["job_id"], connection=connection)
-
-
 def job_started(project: str, job_id: str, connection: redis.Redis) -> None:
     """Called by the job when it starts: it is the active one; the new-normal count restarts."""
     with _lock(connection, project):
@@ -192,8 +184,6 @@ def count_normal_annotation(
     project: str, payload: dict[str, Any], connection: redis.Redis
 ) -> tuple[bool, int]:
     """Count the event's task as a new normal (or drop it if relabeled); ``(normal, count)``."""
-    from defect_assist_worker.label_studio_export import classify_annotation
-
     annotation = payload.get("annotation") or {}
     task = payload.get("task") or {}
     task_id = task.get("id") or annotation.get("task")

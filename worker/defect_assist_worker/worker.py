@@ -72,7 +72,7 @@ def run_worker(
     """Run one spawn-based rq worker (with rq's scheduler for delayed and retried jobs)."""
     if device:
         os.environ["DEVICE"] = device  # the horses read it through the settings
-    connection = get_connection()
+    connection = get_connection(start=True)
     recover_abandoned(connection, queue_names)
     worker = SpawnWorker(
         [Queue(q, connection=connection) for q in queue_names],

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,9 @@ import fiftyone.brain as fob
 import numpy as np
 from PIL import Image
 
+from defect_assist.core.models import AnomalyModel, Prediction
+from defect_assist.core.progress import ProgressCallback
 from defect_assist.explore.qdrant_backend import BACKEND_NAME, register_backend
-from defect_assist.models.base import AnomalyModel, Prediction
 from defect_assist.similarity.embedding import EMBEDDING_NAME, SimilarityEmbedder
 from defect_assist.similarity.mvtec import ImageRecord, walk_folder
 
@@ -39,7 +40,6 @@ logger = logging.getLogger(__name__)
 SIMILARITY_KEY = "similarity"
 VISUALIZATION_KEY = "embeddings_viz"
 MASK_TARGETS = {1: "defect"}
-ProgressCallback = Callable[[str, int, int], None]
 
 
 def visualization_method() -> str:
@@ -56,7 +56,7 @@ def _write_png(array: np.ndarray, path: Path) -> str:
 def _media_dir(dataset_name: str, media_dir: Path | None) -> Path:
     if media_dir is not None:
         return Path(media_dir)
-    from defect_assist.settings import get_settings
+    from defect_assist.core.settings import get_settings
 
     return get_settings().cache_dir / "fiftyone" / dataset_name
 
@@ -193,7 +193,7 @@ def build_dataset(
         fo.delete_dataset(name)
     media = _media_dir(name, media_dir)
     if qdrant_path is None and not qdrant_url:
-        from defect_assist.settings import get_settings
+        from defect_assist.core.settings import get_settings
 
         qdrant_path = get_settings().qdrant_path / "fiftyone"
     dataset = fo.Dataset(name)

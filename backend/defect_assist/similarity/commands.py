@@ -1,4 +1,4 @@
-"""CLI commands: ``defect-assist index``, ``defect-assist similar`` and ``defect-assist fiftyone``."""
+"""Similarity commands: ``defect-assist index`` and ``defect-assist similar``."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def index(
     device: DeviceOpt = "auto",
 ) -> None:
     """Build or update the similarity index of a folder with the project's current model."""
-    from defect_assist.cli import RichProgress
+    from defect_assist.core.progress import RichProgress
     from defect_assist.similarity.index import update_index
     from defect_assist.similarity.mvtec import walk_folder
     from defect_assist.similarity.service import open_context
@@ -119,57 +119,7 @@ def similar(
     out.print(table)
 
 
-def fiftyone(
-    data: Annotated[
-        Path, typer.Option("--data", help="Image folder (MVTec layout understood).", exists=True)
-    ],
-    project: ProjectOpt = "default",
-    name: Annotated[str | None, typer.Option(help="Dataset name (default defect-assist-<project>).")] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N images (quick looks).")] = None,
-    launch: Annotated[bool, typer.Option(help="Launch the FiftyOne App afterwards and wait.")] = False,
-    port: Annotated[int, typer.Option(help="App port.")] = 5151,
-    address: Annotated[str, typer.Option(help="App address.")] = "127.0.0.1",
-    model_dir: ModelDirOpt = None,
-    qdrant_path: QdrantPathOpt = None,
-    qdrant_url: QdrantUrlOpt = None,
-    device: DeviceOpt = "auto",
-) -> None:
-    """Build a persistent FiftyOne dataset: masks, heatmaps, verdicts, embeddings, 2-D plot, similarity."""
-    from defect_assist.cli import RichProgress
-    from defect_assist.explore.fiftyone_dataset import build_dataset
-    from defect_assist.settings import get_settings
-    from defect_assist.store import ModelStore
-
-    settings = get_settings()
-    store = ModelStore(model_dir or settings.model_dir)
-    version = store.current_version(project)
-    if version is None:
-        raise typer.BadParameter(f"project {project!r} has no published model; train one first")
-    model = store.load(project, version, device=device)
-    with RichProgress() as progress:
-        dataset = build_dataset(
-            data,
-            model,
-            name=name or f"defect-assist-{project}",
-            model_version=version,
-            project=project,
-            qdrant_path=(qdrant_path or settings.qdrant_path) / "fiftyone",
-            qdrant_url=qdrant_url or settings.qdrant_url or None,
-            limit=limit,
-            persistent=True,
-            progress=progress,
-        )
-    out.print(f"dataset {dataset.name}: {len(dataset)} samples")
-    if launch:
-        import fiftyone as fo
-
-        session = fo.launch_app(dataset, address=address, port=port, remote=True)
-        console.print(f"FiftyOne App at http://{address}:{port} (Ctrl-C to stop)")
-        session.wait(-1)
-
-
 def register(app: typer.Typer) -> None:
-    """Add the similarity and exploration commands to the CLI."""
+    """Add the similarity commands to the CLI."""
     app.command("index")(index)
     app.command("similar")(similar)
-    app.command("fiftyone")(fiftyone)

@@ -7,7 +7,7 @@ The vector (``EMBEDDING_NAME``) has three L2-normalised parts, concatenated with
   what the surface looks like overall;
 * ``defect`` — the same patch features pooled with weights ``softmax(patch anomaly score / t)``,
   which concentrates on the most anomalous region: what the defect looks like. Both come from
-  ``AnomalyModel.embed_images(..., anomaly_weighted=True)``;
+  ``AnomalyModel.embed_images`` (:class:`~defect_assist.core.models.Embedding`, filled by every model);
 * ``verdict`` — the model's normalised anomaly score ``s`` (0.5 = threshold) as the unit vector
   ``(cos θ, sin θ)``, ``θ = π/2 · s``, so normal images lean towards normal ones and anomalous ones
   towards anomalous ones.
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from defect_assist.images import ImageSource
-from defect_assist.models.base import AnomalyModel, Prediction
+from defect_assist.core.images import ImageSource
+from defect_assist.core.models import AnomalyModel, Prediction
 
 EMBEDDING_NAME = "patch-mean+anomaly-weighted+verdict/v1"
 WEIGHTS = {"global": 1.0, "defect": 1.0, "verdict": 1.0}
@@ -94,9 +94,8 @@ class SimilarityEmbedder:
         images = list(images)
         predictions = self.model.predict(images, batch_size=self.batch_size)
         scores = np.array([p.score if p.ok else np.nan for p in predictions], dtype=np.float64)
-        raw, errors = self.model.embed_images(images, batch_size=self.batch_size, anomaly_weighted=True)
-        errors = [e or p.error for e, p in zip(errors, predictions, strict=True)]
-        half = raw.shape[1] // 2
-        vectors = combine(raw[:, :half], raw[:, half:], scores, self.weights)
+        embedded = self.model.embed_images(images, batch_size=self.batch_size)
+        errors = [e or p.error for e, p in zip(embedded.errors, predictions, strict=True)]
+        vectors = combine(embedded.pooled, embedded.defect, scores, self.weights)
         vectors[[e is not None for e in errors]] = np.nan
         return EmbedResult(vectors, scores, errors, predictions if keep_predictions else [])

@@ -121,7 +121,7 @@ class SimilarityIndex:
     @classmethod
     def from_settings(cls, project: str = "default", settings: Any = None) -> SimilarityIndex:
         """The index configured by ``QDRANT_URL`` / ``QDRANT_PATH``."""
-        from defect_assist.settings import get_settings
+        from defect_assist.core.settings import get_settings
 
         settings = settings or get_settings()
         return cls(project, path=settings.qdrant_path, url=settings.qdrant_url or None)

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from defect_assist.evaluation import discover_categories
-from defect_assist.images import collect_images
+from defect_assist.core.evaluation import discover_categories
+from defect_assist.core.images import collect_images
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ def open_context(
     settings: Any = None,
 ) -> Context:
     """Load the project's current (or given) model version and open its index (QDRANT_URL / QDRANT_PATH)."""
-    from defect_assist.settings import get_settings
-    from defect_assist.store import ModelStore, StoreError
+    from defect_assist.core.settings import get_settings
+    from defect_assist.core.store import ModelStore, StoreError
 
     settings = settings or get_settings()
     store = ModelStore(model_dir or settings.model_dir)

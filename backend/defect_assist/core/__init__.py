@@ -1,0 +1,1 @@
+"""Model core: settings, images, backbones, anomaly models, calibration, the model store, evaluation."""

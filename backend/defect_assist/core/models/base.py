@@ -1,0 +1,336 @@
+"""The one model interface every anomaly model implements (PatchCore, EfficientAd, …).
+
+A model fits on normal images only, calibrates its thresholds on held-out normals, and predicts per
+image: an anomaly score normalised so that 0.5 is the decision threshold, a verdict, an anomaly map
+at the original image size and a binary defect mask. Its options are a typed config dataclass
+(:class:`ModelConfig` subclass) stored in its metadata. Models save to and load from a directory
+(``metadata.json`` + ``weights.pt``), which the versioned store publishes atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from defect_assist.core import backbones
+from defect_assist.core.calibration import Calibration
+from defect_assist.core.images import ImageLoadError, ImageSource, describe_source, load_image
+from defect_assist.core.models.batches import LoadedBatch, as_sources, readable
+from defect_assist.core.models.config import ModelConfig
+from defect_assist.core.models.metadata import (
+    METADATA_FILE,
+    WEIGHTS_FILE,
+    FitReport,
+    ModelMetadata,
+    fingerprint_sources,
+)
+from defect_assist.core.models.prediction import Embedding, ImageEmbeddings, Prediction
+from defect_assist.core.preprocessing import ResizeMode, fit_into_square, map_to_original, to_tensor
+from defect_assist.core.progress import ProgressCallback
+from defect_assist.core.settings import resolve_device
+
+logger = logging.getLogger(__name__)
+
+
+class AnomalyModel(ABC):
+    """Base class: preprocessing, batching, calibration, normalisation and persistence."""
+
+    kind: ClassVar[str] = ""
+    config_class: ClassVar[type[ModelConfig]] = ModelConfig
+    # Options added after models were first saved: the value such an older model was trained with.
+    saved_model_defaults: ClassVar[dict[str, Any]] = {}
+    supports_incremental: ClassVar[bool] = False
+
+    def __init__(self, device: str = "auto", **options: Any) -> None:
+        try:
+            self.config = self.config_class.from_options(options)
+        except TypeError as error:
+            raise TypeError(f"{self.kind}: {error}") from None
+        self.device = torch.device(resolve_device(device))
+        self.calibration: Calibration | None = None
+        self.metadata: ModelMetadata | None = None
+        self.mean, self.std = backbones.normalisation(self.config.backbone)
+
+    # ----------------------------------------------------------------- to implement per model
+    @abstractmethod
+    def _fit(
+        self, batches: Callable[[], Iterator[torch.Tensor]], n_images: int, progress: ProgressCallback
+    ) -> dict[str, Any]:
+        """Train on normal images; ``batches()`` yields fresh normalised tensors each call."""
+
+    @abstractmethod
+    def _infer(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw image scores ``(B,)`` and anomaly maps ``(B, S, S)`` at model resolution."""
+
+    @abstractmethod
+    def _state(self) -> dict[str, Any]:
+        """Tensors and values to save (``torch.save``-able)."""
+
+    @abstractmethod
+    def _load_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`_state` returned."""
+
+    def _infer_valid(self, tensor: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like :meth:`_infer`, told which pixels are image (``True``) and which are letterbox padding."""
+        return self._infer(tensor)
+
+    def _extend(
+        self, batches: Callable[[], Iterator[torch.Tensor]], n_images: int, progress: ProgressCallback
+    ) -> dict[str, Any]:
+        """Add normal images to a trained model without refitting (models with a memory bank)."""
+        raise NotImplementedError(f"{self.kind} does not support incremental updates")
+
+    def embed(self, tensor: torch.Tensor) -> Embedding:
+        """Image embeddings for similarity search: the features pooled overall and over the defect."""
+        raise NotImplementedError(f"{self.kind} does not provide embeddings")
+
+    # ----------------------------------------------------------------- preprocessing
+    @property
+    def image_size(self) -> int:
+        return int(self.config.image_size)
+
+    @property
+    def resize_mode(self) -> ResizeMode:
+        return self.config.resize  # type: ignore[return-value]
+
+    def load_batch(self, sources: Sequence[ImageSource], offset: int = 0) -> LoadedBatch:
+        """Decode and preprocess a batch; unreadable images are reported, not raised."""
+        arrays, placements, indices, errors = [], [], [], {}
+        for i, source in enumerate(sources):
+            try:
+                image = load_image(source)
+            except ImageLoadError as error:
+                errors[offset + i] = str(error)
+                logger.warning("%s", error)
+                continue
+            resized, placement = fit_into_square(image, self.image_size, self.resize_mode)
+            arrays.append(resized)
+            placements.append(placement)
+            indices.append(offset + i)
+        tensor = to_tensor(arrays, self.mean, self.std) if arrays else None
+        return LoadedBatch(indices, tensor, placements, errors)
+
+    def _batch_factory(
+        self, sources: Sequence[ImageSource], batch_size: int, strict: bool = True
+    ) -> Callable[[], Iterator[torch.Tensor]]:
+        def batches() -> Iterator[torch.Tensor]:
+            for start in range(0, len(sources), batch_size):
+                loaded = self.load_batch(sources[start : start + batch_size], start)
+                if loaded.errors and strict:
+                    raise ImageLoadError(*next(iter(loaded.errors.values())).split(": ", 1))
+                if loaded.tensor is not None:
+                    yield loaded.tensor.to(self.device)
+
+        return batches
+
+    # ----------------------------------------------------------------- fitting
+    def fit(
+        self,
+        images: Sequence[ImageSource] | str | Path,
+        holdout_fraction: float = 0.1,
+        seed: int = 0,
+        batch_size: int = 16,
+        progress: ProgressCallback | None = None,
+    ) -> FitReport:
+        """Fit on normal images, calibrate on a held-out share of them, then (if possible) absorb it.
+
+        Unreadable training images are skipped with a warning. With fewer than 10 images nothing is
+        held out and the thresholds come from the training images themselves (optimistic).
+        """
+        progress = progress or (lambda stage, done, total: None)
+        sources = readable(as_sources(images))
+        if not sources:
+            raise ValueError("no readable training images")
+        start = time.perf_counter()
+        order = list(range(len(sources)))
+        random.Random(seed).shuffle(order)
+        n_holdout = 0 if len(sources) < 10 else max(5, min(200, round(len(sources) * holdout_fraction)))
+        holdout = [sources[i] for i in order[:n_holdout]]
+        train = [sources[i] for i in order[n_holdout:]]
+        torch.manual_seed(seed)
+        details = self._fit(self._batch_factory(train, batch_size), len(train), progress)
+        calibration_set = holdout or train
+        scores, maps = self._raw_outputs(calibration_set, batch_size, progress, stage="calibrate")
+        self.calibration = Calibration.from_normals(
+            scores, maps, source="held-out normals" if holdout else "training normals (fewer than 10 images)"
+        )
+        if holdout and self.supports_incremental:
+            details |= {
+                "holdout_absorbed": True,
+                **self._extend(self._batch_factory(holdout, batch_size), len(holdout), progress),
+            }
+        fit_seconds = time.perf_counter() - start
+        self.metadata = ModelMetadata(
+            kind=self.kind,
+            backbone=self.config.backbone,
+            image_size=self.image_size,
+            resize=self.resize_mode,
+            config=self.config.to_dict(),
+            calibration=asdict(self.calibration),
+            training_fingerprint=fingerprint_sources(sources),
+            n_train_images=len(sources),
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            fit_seconds=round(fit_seconds, 3),
+            extra={"n_holdout": n_holdout, "device": str(self.device), **details},
+        )
+        return FitReport(len(train), n_holdout, fit_seconds, self.calibration, details)
+
+    def update(
+        self,
+        images: Sequence[ImageSource] | str | Path,
+        batch_size: int = 16,
+        progress: ProgressCallback | None = None,
+    ) -> dict[str, Any]:
+        """Incrementally add new normal images (thresholds kept); raises if the model can't."""
+        if not self.supports_incremental:
+            raise NotImplementedError(f"{self.kind} does not support incremental updates")
+        sources = readable(as_sources(images))
+        details = self._extend(
+            self._batch_factory(sources, batch_size), len(sources), progress or (lambda *a: None)
+        )
+        assert self.metadata is not None
+        self.metadata.update = "incremental"
+        self.metadata.n_train_images += len(sources)
+        self.metadata.created = datetime.now(UTC).isoformat(timespec="seconds")
+        self.metadata.training_fingerprint = hashlib.sha256(
+            (self.metadata.training_fingerprint + fingerprint_sources(sources)).encode()
+        ).hexdigest()
+        self.metadata.extra["incremental_images"] = self.metadata.extra.get("incremental_images", 0) + len(
+            sources
+        )
+        return details
+
+    # ----------------------------------------------------------------- inference
+    @torch.no_grad()
+    def _raw_outputs(
+        self,
+        sources: Sequence[ImageSource],
+        batch_size: int,
+        progress: ProgressCallback,
+        stage: str = "predict",
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Raw scores and valid-region maps (padding excluded, flattened per image) of readable images."""
+        scores, maps = [], []
+        for start in range(0, len(sources), batch_size):
+            loaded = self.load_batch(sources[start : start + batch_size], start)
+            if loaded.tensor is None:
+                continue
+            batch_scores, batch_maps = self._infer_valid(
+                loaded.tensor.to(self.device), loaded.valid_mask(self.image_size, self.device)
+            )
+            batch_maps_np = batch_maps.float().cpu().numpy()
+            scores.extend(batch_scores.float().cpu().numpy().tolist())
+            for j, placement in enumerate(loaded.placements):
+                region = batch_maps_np[
+                    j,
+                    placement.top : placement.top + placement.height,
+                    placement.left : placement.left + placement.width,
+                ]
+                maps.append(region[::2, ::2].reshape(-1))
+            progress(stage, min(start + batch_size, len(sources)), len(sources))
+        return np.asarray(scores, dtype=np.float64), np.concatenate(maps) if maps else np.zeros(0, np.float32)
+
+    @torch.no_grad()
+    def predict(
+        self,
+        images: Sequence[ImageSource] | str | Path,
+        batch_size: int = 8,
+        progress: ProgressCallback | None = None,
+    ) -> list[Prediction]:
+        """Predict every image; an unreadable one gets a :class:`Prediction` with ``error`` set."""
+        if self.calibration is None:
+            raise RuntimeError("model is not fitted")
+        sources = as_sources(images)
+        results: list[Prediction] = [Prediction(source=describe_source(s)) for s in sources]
+        for start in range(0, len(sources), batch_size):
+            loaded = self.load_batch(sources[start : start + batch_size], start)
+            for index, message in loaded.errors.items():
+                results[index].error = message
+            if loaded.tensor is None:
+                continue
+            raw_scores, raw_maps = self._infer_valid(
+                loaded.tensor.to(self.device), loaded.valid_mask(self.image_size, self.device)
+            )
+            raw_scores_np = raw_scores.float().cpu().numpy()
+            raw_maps_np = raw_maps.float().cpu().numpy()
+            for j, index in enumerate(loaded.indices):
+                anomaly_map = self.calibration.normalise_map(
+                    map_to_original(raw_maps_np[j], loaded.placements[j])
+                )
+                score = float(self.calibration.normalise_score(raw_scores_np[j]))
+                result = results[index]
+                result.raw_score = float(raw_scores_np[j])
+                result.score = score
+                result.is_anomalous = score >= 0.5
+                result.anomaly_map = anomaly_map
+                result.mask = anomaly_map > 0.5
+            if progress:
+                progress("predict", min(start + batch_size, len(sources)), len(sources))
+        return results
+
+    def predict_one(self, image: ImageSource) -> Prediction:
+        return self.predict([image], batch_size=1)[0]
+
+    @torch.no_grad()
+    def embed_images(self, images: Sequence[ImageSource], batch_size: int = 8) -> ImageEmbeddings:
+        """:meth:`embed` of every image; an unreadable one gets NaN rows and its error."""
+        sources = as_sources(images)
+        pooled: list[np.ndarray | None] = [None] * len(sources)
+        defect: list[np.ndarray | None] = [None] * len(sources)
+        errors: list[str | None] = [None] * len(sources)
+        for start in range(0, len(sources), batch_size):
+            loaded = self.load_batch(sources[start : start + batch_size], start)
+            for index, message in loaded.errors.items():
+                errors[index] = message
+            if loaded.tensor is None:
+                continue
+            embedding = self.embed(loaded.tensor.to(self.device))
+            batch_pooled = embedding.pooled.float().cpu().numpy()
+            batch_defect = embedding.defect.float().cpu().numpy()
+            for j, index in enumerate(loaded.indices):
+                pooled[index], defect[index] = batch_pooled[j], batch_defect[j]
+        return ImageEmbeddings(_rows(pooled), _rows(defect), errors)
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, directory: str | Path) -> None:
+        """Write ``metadata.json`` and ``weights.pt`` into ``directory`` (created if needed)."""
+        if self.metadata is None or self.calibration is None:
+            raise RuntimeError("cannot save an unfitted model")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.metadata.calibration = asdict(self.calibration)
+        torch.save(
+            {"kind": self.kind, "config": self.config.to_dict(), "state": self._state()},
+            directory / WEIGHTS_FILE,
+        )
+        (directory / METADATA_FILE).write_text(json.dumps(asdict(self.metadata), indent=2, default=str))
+
+    @classmethod
+    def from_directory(cls, directory: str | Path, device: str = "auto") -> AnomalyModel:
+        directory = Path(directory)
+        metadata = ModelMetadata(**json.loads((directory / METADATA_FILE).read_text()))
+        payload = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=False)
+        model = cls(device=device, **{**cls.saved_model_defaults, **payload["config"]})
+        model._load_state(payload["state"])
+        model.metadata = metadata
+        model.calibration = Calibration(**metadata.calibration)
+        return model
+
+
+def _rows(rows: list[np.ndarray | None]) -> np.ndarray:
+    """Stack per-image vectors, NaN rows where an image had none."""
+    dim = next((r.shape[0] for r in rows if r is not None), 0)
+    filled = [r if r is not None else np.full(dim, np.nan, np.float32) for r in rows]
+    return np.stack(filled).astype(np.float32) if filled else np.zeros((0, 0), np.float32)

@@ -1,0 +1,29 @@
+"""Typed model options: one dataclass per model kind, stored in the model's metadata."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Self
+
+
+@dataclass
+class ModelConfig:
+    """Options every model has; each model's config adds its own (all with defaults)."""
+
+    backbone: str = "tf_efficientnet_lite1"
+    image_size: int | None = 256
+    resize: str = "letterbox"  # letterbox | squash (see defect_assist.core.preprocessing)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> Self:
+        """The config with ``options`` over the defaults; unknown names raise ``TypeError``."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise TypeError(f"unknown options {unknown}; known: {sorted(names)}")
+        return cls(**dict(options))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly values (as stored in ``metadata.json``)."""
+        return asdict(self)

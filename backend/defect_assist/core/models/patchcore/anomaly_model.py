@@ -1,0 +1,125 @@
+"""PatchCore behind the project's :class:`~defect_assist.core.models.base.AnomalyModel` interface."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from defect_assist.core.models.base import AnomalyModel
+from defect_assist.core.models.patchcore.config import PatchcoreConfig
+from defect_assist.core.models.patchcore.torch_model import (
+    FastPatchcoreModel,
+    coverage_select,
+    estimate_radius,
+)
+from defect_assist.core.models.prediction import Embedding
+from defect_assist.core.progress import ProgressCallback
+
+
+class PatchcoreAnomalyModel(AnomalyModel):
+    """PatchCore (Roth et al., 2022) behind the model interface; options: :class:`PatchcoreConfig`."""
+
+    kind: ClassVar[str] = "patchcore"
+    supports_incremental: ClassVar[bool] = True
+    config_class: ClassVar[type[PatchcoreConfig]] = PatchcoreConfig
+    config: PatchcoreConfig
+    saved_model_defaults: ClassVar[dict[str, Any]] = {"balance_layers": False}
+
+    def __init__(self, device: str = "auto", **config: Any) -> None:
+        super().__init__(device=device, **config)
+        self.model = (
+            FastPatchcoreModel(
+                backbone=self.config.backbone,
+                layers=self.config.layers,
+                balance_layers=self.config.balance_layers,
+                pretrained=self.config.pretrained,
+                num_neighbors=self.config.num_neighbors,
+                anomaly_map_sigma=self.config.anomaly_map_sigma * self.config.image_size / 256,
+            )
+            .to(self.device)
+            .eval()
+        )
+
+    # ------------------------------------------------------------------ fitting
+    def _collect(
+        self, batches: Callable[[], Iterator[torch.Tensor]], n_images: int, progress: ProgressCallback
+    ) -> np.ndarray:
+        chunks, done = [], 0
+        for batch in batches():
+            embedding = self.model.patch_embedding(batch)
+            chunks.append(self.model.reshape_embedding(embedding).float().cpu().numpy())
+            done += len(batch)
+            progress("features", done, n_images)
+        return np.concatenate(chunks)
+
+    def _fit(
+        self, batches: Callable[[], Iterator[torch.Tensor]], n_images: int, progress: ProgressCallback
+    ) -> dict[str, Any]:
+        started = time.perf_counter()
+        features = self._collect(batches, n_images, progress)
+        extracted = time.perf_counter()
+        radius = estimate_radius(features, self.config.coverage_quantile)
+        selected = coverage_select(features, radius, progress=progress)
+        if len(selected) > self.config.max_bank:
+            selected = selected[: self.config.max_bank]
+        self.model.radius = radius
+        self.model.set_memory_bank(torch.from_numpy(features[selected]).to(self.device))
+        return {
+            "patch_features": len(features),
+            "memory_bank": len(selected),
+            "coverage_radius": round(radius, 5),
+            "feature_seconds": round(extracted - started, 2),
+            "coreset_seconds": round(time.perf_counter() - extracted, 2),
+        }
+
+    def _extend(
+        self, batches: Callable[[], Iterator[torch.Tensor]], n_images: int, progress: ProgressCallback
+    ) -> dict[str, Any]:
+        features = self._collect(batches, n_images, progress)
+        bank = self.model.memory_bank.float().cpu().numpy()
+        selected = coverage_select(features, self.model.radius, bank=bank, seed=len(bank), progress=progress)
+        if len(selected):
+            added = torch.from_numpy(features[selected]).to(self.model.memory_bank)
+            self.model.set_memory_bank(torch.cat([self.model.memory_bank, added]))
+        return {"added_patches": len(selected), "memory_bank": int(self.model.memory_bank.shape[0])}
+
+    # ------------------------------------------------------------------ inference
+    def _infer(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, maps, _ = self.model.score(tensor)
+        return scores, maps
+
+    def _infer_valid(self, tensor: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, maps, _ = self.model.score(tensor, valid)
+        return scores, maps
+
+    @torch.no_grad()
+    def embed(self, tensor: torch.Tensor) -> Embedding:
+        """Patch embeddings (the memory-bank features) pooled two ways, each L2-normalised.
+
+        ``pooled`` is their mean over the image; ``defect`` pools them with weights
+        ``softmax(patch score / t)`` (``t`` = the calibrated pixel scale), so it describes the most
+        anomalous region. Both pool the raw channels: layer balancing is for patch distances.
+        """
+        embedding = self.model.patch_embedding(tensor)  # B x D x h x w
+        channel_weights = self.model.channel_weights().to(embedding)
+        pooled = F.normalize(embedding.mean(dim=(2, 3)) / channel_weights, dim=1)
+        batch, dim, height, width = embedding.shape
+        flat = self.model.reshape_embedding(embedding)
+        patch_scores, _ = self.model.nearest_neighbors(flat, n_neighbors=1)
+        temperature = self.calibration.pixel_scale if self.calibration else 1.0
+        weights = torch.softmax(patch_scores.reshape(batch, -1) / max(temperature, 1e-6), dim=1)
+        weighted = torch.einsum("bn,bnd->bd", weights, flat.reshape(batch, height * width, dim))
+        return Embedding(pooled=pooled, defect=F.normalize(weighted / channel_weights, dim=1))
+
+    # ------------------------------------------------------------------ persistence
+    def _state(self) -> dict[str, Any]:
+        return {"memory_bank": self.model.memory_bank.cpu(), "radius": self.model.radius}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.model.set_memory_bank(state["memory_bank"].to(self.device))
+        self.model.radius = float(state["radius"])

@@ -1,0 +1,210 @@
+"""Label Studio REST client: token auth, project ids, task export and the bytes of task images.
+
+``LabelStudioClient`` sends ``Authorization: Token <LABEL_STUDIO_API_KEY>`` to ``LABEL_STUDIO_URL``
+and resolves task image URLs (``/data/local-files/?d=``, ``/data/upload/``, absolute http(s),
+``file://`` and local paths). Network failures and 5xx answers raise :class:`LabelStudioUnavailable`
+(transient: a retrain job retries), other error answers :class:`LabelStudioError`.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse
+
+import httpx
+
+logger = logging.getLogger(__name__)
+
+
+class LabelStudioError(RuntimeError):
+    """Label Studio answered with an error (bad token, unknown project …)."""
+
+
+class LabelStudioUnavailable(LabelStudioError):
+    """Label Studio could not be reached or answered 5xx (transient)."""
+
+
+class LabelStudioClient:
+    """A small synchronous client for the Label Studio REST API and its media URLs."""
+
+    def __init__(
+        self, url: str, token: str = "", timeout: float = 30.0, local_files_root: str | Path | None = None
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.local_files_root = Path(local_files_root) if local_files_root else None
+        headers = {"Authorization": f"Token {token}"} if token else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, follow_redirects=True)
+
+    @classmethod
+    def from_settings(cls, settings: Any | None = None, **overrides: Any) -> LabelStudioClient:
+        """Client for ``LABEL_STUDIO_URL`` / ``LABEL_STUDIO_API_KEY`` (``overrides`` win)."""
+        if settings is None:
+            from defect_assist.core.settings import get_settings
+
+            settings = get_settings()
+        kwargs: dict[str, Any] = {"url": settings.label_studio_url, "token": settings.label_studio_api_key}
+        root = getattr(settings, "local_files_document_root", None)
+        if root:
+            kwargs["local_files_root"] = root
+        kwargs.update({k: v for k, v in overrides.items() if v})
+        return cls(**kwargs)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> LabelStudioClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- REST
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Call the API; returns decoded JSON (or None for an empty body); raises LabelStudioError."""
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as error:
+            raise LabelStudioUnavailable(f"Label Studio unreachable at {self.url}: {error}") from error
+        if response.status_code >= 500:
+            raise LabelStudioUnavailable(
+                f"Label Studio {response.status_code} on {method} {path}: {response.text[:300]}"
+            )
+        if response.status_code >= 400:
+            raise LabelStudioError(
+                f"Label Studio {response.status_code} on {method} {path}: {response.text[:300]}"
+            )
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            return response.text
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params=params or None)
+
+    def post(self, path: str, payload: Any = None) -> Any:
+        return self.request("POST", path, json=payload)
+
+    def project(self, project: int | str) -> dict[str, Any]:
+        return self.get(f"/api/projects/{project_id(project)}/")
+
+    def export_tasks(self, project: int | str, all_tasks: bool = False) -> list[dict[str, Any]]:
+        """Tasks with their annotations (only annotated tasks unless ``all_tasks``), via the export API."""
+        data = self.get(
+            f"/api/projects/{project_id(project)}/export",
+            exportType="JSON",
+            download_all_tasks=str(all_tasks).lower(),
+        )
+        if not isinstance(data, list):
+            raise LabelStudioError(f"unexpected export answer for project {project}: {str(data)[:200]}")
+        return data
+
+    def import_tasks(self, project: int | str, tasks: list[dict[str, Any]]) -> list[int]:
+        """Import tasks (with their predictions) into ``project``; returns the new task ids."""
+        answer = self.request(
+            "POST",
+            f"/api/projects/{project_id(project)}/import",
+            params={"return_task_ids": "true"},
+            json=tasks,
+        )
+        return [int(t) for t in (answer or {}).get("task_ids", [])]
+
+    def tasks(self, project: int | str, page_size: int = 100) -> list[dict[str, Any]]:
+        """All tasks of a project (with predictions and annotations), paging through ``/api/tasks``."""
+        found: list[dict[str, Any]] = []
+        page = 1
+        while True:
+            try:
+                data = self.get(
+                    "/api/tasks", project=project_id(project), page=page, page_size=page_size, fields="all"
+                )
+            except LabelStudioError as error:
+                if "404" in str(error):  # past the last page
+                    break
+                raise
+            batch = data.get("tasks", []) if isinstance(data, dict) else data
+            found += batch
+            if len(batch) < page_size:
+                break
+            page += 1
+        return found
+
+    def authorize_webhook(self, project: int | str, backend_url: str, user: str, password: str) -> int | None:
+        """Add basic-auth headers to the webhook LS created for a backend (LS sends none by itself).
+
+        Label Studio registers ``<backend>/webhook`` when an ML backend is connected, but sends that
+        webhook without the connection's basic-auth credentials; returns the webhook id, or None.
+        """
+        target = backend_url.rstrip("/") + "/webhook"
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        for hook in self.get("/api/webhooks", project=project_id(project)) or []:
+            if hook.get("url", "").rstrip("/") == target:
+                headers = {**(hook.get("headers") or {}), "Authorization": f"Basic {token}"}
+                self.request("PATCH", f"/api/webhooks/{hook['id']}", json={"headers": headers})
+                return int(hook["id"])
+        return None
+
+    # ----------------------------------------------------------------- images
+    def resolve(self, url: str) -> str:
+        """Absolute URL or local path an image reference points at."""
+        url = str(url).strip()
+        if url.startswith(("http://", "https://")):
+            return url
+        if url.startswith("file://"):
+            return unquote(urlparse(url).path)
+        if url.startswith("/data/") or url.startswith("data/"):
+            return f"{self.url}/{url.lstrip('/')}"
+        return url  # a local path
+
+    def _local_file(self, url: str) -> Path | None:
+        """The file behind a ``/data/local-files/?d=`` URL when it is readable here (skips HTTP)."""
+        if self.local_files_root is None or "/data/local-files" not in url:
+            return None
+        relative = parse_qs(urlparse(url).query).get("d", [None])[0]
+        if not relative:
+            return None
+        path = (self.local_files_root / relative).resolve()
+        root = self.local_files_root.resolve()
+        return path if path.is_relative_to(root) and path.is_file() else None
+
+    def fetch_image(self, url: str) -> bytes:
+        """Bytes of the image a task refers to; raises LabelStudioError naming the URL."""
+        local = self._local_file(url)
+        if local is not None:
+            return local.read_bytes()
+        target = self.resolve(url)
+        if not target.startswith(("http://", "https://")):
+            path = Path(target).expanduser()
+            if not path.is_file():
+                raise LabelStudioError(f"image {url!r} is neither a Label Studio URL nor a readable file")
+            return path.read_bytes()
+        same_host = target.startswith(self.url + "/")
+        try:
+            if same_host:
+                response = self.http.get(target)
+            else:  # foreign hosts never receive the Label Studio token
+                response = httpx.get(target, timeout=self.http.timeout, follow_redirects=True)
+        except httpx.HTTPError as error:
+            raise LabelStudioUnavailable(f"cannot fetch image {url}: {error}") from error
+        if response.status_code >= 500:
+            raise LabelStudioUnavailable(f"cannot fetch image {url}: HTTP {response.status_code}")
+        if response.status_code >= 400:
+            raise LabelStudioError(f"cannot fetch image {url}: HTTP {response.status_code}")
+        return response.content
+
+
+def project_id(project: int | str | dict[str, Any] | None) -> str:
+    """The numeric LS project id as a string: ``"3.1716"`` (/setup) → ``"3"``, ``{"id": 3}`` → ``"3"``."""
+    if isinstance(project, dict):
+        project = project.get("id")
+    if project is None or str(project).strip() == "":
+        raise ValueError("no Label Studio project id")
+    text = str(project).strip().split(".", 1)[0]
+    if not text.isdigit():
+        raise ValueError(f"not a Label Studio project id: {project!r}")
+    return text

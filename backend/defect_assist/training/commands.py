@@ -1,0 +1,69 @@
+"""``defect-assist train``: train on local normal images and publish, through the one training path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from defect_assist.core.images import collect_images
+from defect_assist.core.progress import RichProgress, parse_options
+from defect_assist.core.settings import get_settings
+from defect_assist.training.pipeline import train_and_publish
+from defect_assist.training.progress import TrainingProgress
+
+console = Console(stderr=True)
+out = Console()
+
+
+class ConsoleProgress(TrainingProgress):
+    """Training progress drawn as one rich bar per stage."""
+
+    def __init__(self, bars: RichProgress) -> None:
+        super().__init__()
+        self.bars = bars
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        super().__call__(stage, done, total)
+        self.bars(stage, done, total)
+
+
+def train(
+    images: Annotated[Path, typer.Option("--images", help="Folder (or file) of normal images.", exists=True)],
+    project: Annotated[str, typer.Option("--project", help="Project id in the model store.")],
+    model: Annotated[str, typer.Option("--model", help="Model kind.")] = "patchcore",
+    option: Annotated[
+        list[str] | None, typer.Option("--option", "-o", help="Model option key=value.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda …")] = "auto",
+    model_dir: Annotated[Path | None, typer.Option(help="Model store root (default MODEL_DIR).")] = None,
+) -> None:
+    """Train on normal images (a full fit) and publish a new version into MODEL_DIR/<project>/."""
+    settings = get_settings()
+    if model_dir is not None:
+        settings = settings.model_copy(update={"model_dir": model_dir})
+    files = collect_images([images])
+    if not files:
+        raise typer.BadParameter(f"no images in {images}")
+    options: dict[str, Any] = parse_options(option)
+    with RichProgress() as bars:
+        result = train_and_publish(
+            project,
+            files,
+            settings=settings,
+            kind=model,
+            mode="full",
+            options=options,
+            device=device,
+            progress=ConsoleProgress(bars),
+            extra={"source": "cli", "reason": "defect-assist train"},
+        )
+    console.print(f"trained {model} on {result['trained_on']} images in {result['train_seconds']:.1f}s")
+    out.print(f"published {project}/{result['version']}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the training command to the CLI."""
+    app.command()(train)
