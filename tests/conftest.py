@@ -72,7 +72,7 @@ def copy_mvtec_subset(
     defect_every: int,
     n_defect: int,
 ) -> Path:
-    """Copy every ``k``-th image of an MVTec category (with masks) into ``root``: tests never write to shared/."""
+    """Copy every ``k``-th image of an MVTec category (with masks) into ``root`` (never into shared/)."""
     picks = [("train/good", train_every, n_train), ("test/good", good_every, n_good)]
     picks += [(f"test/{defect}", defect_every, n_defect) for defect in defects]
     for folder, every, count in picks:
