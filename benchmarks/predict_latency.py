@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 import uvicorn
 
-from defect_assist.core.models import create_model
+from defect_assist.core.models.registry import create_model
 from defect_assist.core.settings import Settings, resolve_device
 from defect_assist.core.store import ModelStore
 from defect_assist.serving import create_app

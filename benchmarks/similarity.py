@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from defect_assist.core.models import create_model, load_model, model_class
+from defect_assist.core.models.registry import create_model, load_model, model_class
 from defect_assist.similarity.embedding import WEIGHTS, SimilarityEmbedder, combine
 from defect_assist.similarity.index import SimilarityIndex, _payload, content_hash
 from defect_assist.similarity.mvtec import walk_folder

@@ -18,6 +18,19 @@ MAGNETIC_TILE = DATASETS / "magnetic_tile"
 IMAGENET_SAMPLE = DATASETS / "imagenet_sample"
 
 
+TIERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test belongs to exactly one tier (``pytestmark = pytest.mark.unit`` …): tiers select by mark."""
+    for item in items:
+        tiers = {mark.name for mark in item.iter_markers() if mark.name in TIERS}
+        if len(tiers) != 1:
+            raise pytest.UsageError(
+                f"{item.nodeid}: needs exactly one tier mark of {TIERS}, has {sorted(tiers)}"
+            )
+
+
 @pytest.fixture(scope="session")
 def magnetic_tile() -> Path:
     if not (MAGNETIC_TILE / "train" / "good").is_dir():
@@ -53,7 +66,7 @@ def small_patchcore(train_normals: list[Path]):
     """A PatchCore fitted on 24 normals at 128 px (shared by the tests that only read it)."""
     import torch
 
-    from defect_assist.core.models import create_model
+    from defect_assist.core.models.registry import create_model
 
     torch.manual_seed(0)
     model = create_model("patchcore", device="cpu", image_size=128)

@@ -19,6 +19,8 @@ from defect_assist.core.store import ModelStore
 from defect_assist.label_studio.regions import rle_to_mask
 from defect_assist.serving import create_app
 
+pytestmark = pytest.mark.unit
+
 CONFIG = (
     Path(__file__).resolve().parents[1] / "backend/defect_assist/label_studio/labeling_config.xml"
 ).read_text()

@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 
 from defect_assist_tools.cli import app
 
+pytestmark = pytest.mark.unit
+
 runner = CliRunner()
 
 

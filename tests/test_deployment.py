@@ -14,6 +14,8 @@ from typer.main import get_command
 from defect_assist.core.settings import Settings
 from defect_assist_tools.cli import app
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 OURS = ("backend", "worker", "fiftyone")
 # variables read by programs other than ours (Label Studio, FiftyOne, Python)

@@ -227,7 +227,7 @@ def test_efficientad_end_to_end(
     0.42-0.64 for 60-300 steps and three seeds), so they are only used for the shape checks; the real-data
     figures are in the model's README (1,500 steps, full data).
     """
-    from defect_assist.core.models import create_model, load_model
+    from defect_assist.core.models.registry import create_model, load_model
 
     model = create_model(
         "efficientad",

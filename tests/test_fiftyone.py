@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[1]
 _FO_DIR = Path(tempfile.mkdtemp(prefix="fo-test-"))
 os.environ.setdefault("FIFTYONE_DATABASE_DIR", str(_FO_DIR / "db"))
@@ -28,7 +30,7 @@ fo = pytest.importorskip("fiftyone")
 import fiftyone.operators as foo  # noqa: E402
 from qdrant_client import QdrantClient  # noqa: E402
 
-from defect_assist.core.models import create_model  # noqa: E402
+from defect_assist.core.models.registry import create_model  # noqa: E402
 from defect_assist.core.settings import get_settings  # noqa: E402
 from defect_assist.core.store import ModelStore  # noqa: E402
 from defect_assist.explore.fiftyone_dataset import SIMILARITY_KEY, VISUALIZATION_KEY, build_dataset  # noqa: E402

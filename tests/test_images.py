@@ -11,6 +11,8 @@ from PIL import Image
 
 from defect_assist.core.images import ImageLoadError, collect_images, load_image
 
+pytestmark = pytest.mark.unit
+
 
 def _encode(image: Image.Image, fmt: str) -> bytes:
     buffer = io.BytesIO()

@@ -11,7 +11,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
-from defect_assist.core.models import Prediction
+from defect_assist.core.models.prediction import Prediction
 from defect_assist.label_studio.client import LabelStudioClient, LabelStudioError, project_id
 from defect_assist.label_studio.label_config import ControlSpec, LabelConfigError
 from defect_assist.label_studio.regions import mask_to_rle, prediction_regions, rle_to_mask

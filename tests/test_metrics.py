@@ -10,6 +10,8 @@ from sklearn.metrics import f1_score, precision_recall_curve, roc_auc_score, roc
 
 from defect_assist.core.evaluation import f1_at, f1_max, image_auroc, pixel_aupro
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def scored_labels() -> tuple[np.ndarray, np.ndarray]:

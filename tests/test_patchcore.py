@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from defect_assist.core.models import create_model, load_model
 from defect_assist.core.models.patchcore.torch_model import coverage_select, estimate_radius
+from defect_assist.core.models.registry import create_model, load_model
 
 
 def test_predictions_have_original_size_and_consistent_verdicts(small_patchcore, test_images) -> None:

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from defect_assist.core.models import create_model
+from defect_assist.core.models.registry import create_model
 from defect_assist.core.store import ModelStore
 from defect_assist.similarity.embedding import SimilarityEmbedder, verdict_vector
 from defect_assist.similarity.index import SimilarityIndex, content_hash, query_similar, update_index
 from defect_assist.similarity.mvtec import walk_folder
+
+pytestmark = pytest.mark.unit
 
 PROJECT = "sim"
 

@@ -14,6 +14,8 @@ import pytest
 from defect_assist.core.models.metadata import METADATA_FILE
 from defect_assist.core.store import CURRENT_FILE, ModelStore, StoreError
 
+pytestmark = pytest.mark.unit
+
 
 def test_publish_list_load_and_rollback(tmp_path: Path, small_patchcore) -> None:
     store = ModelStore(tmp_path)
@@ -53,7 +55,7 @@ def test_metadata_records_what_was_trained(tmp_path: Path, small_patchcore) -> N
 
 def _publish_slowly(root: str, model_dir: str) -> None:
     """Child process: publish while the save is artificially slow, to be killed mid-write."""
-    from defect_assist.core.models import load_model
+    from defect_assist.core.models.registry import load_model
 
     model = load_model(model_dir, device="cpu")
     original_save = model.save

@@ -19,7 +19,7 @@ from worker_support import WorkerProcess, wait_for
 
 from defect_assist_worker.redis_server import pid_alive
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.integration
 
 TINY = {"image_size": 64}
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from fastapi import APIRouter, FastAPI
 
 from defect_assist.core.settings import Settings
-from defect_assist.serving.app import create_app
-from defect_assist.serving.model import WebhookHandler
+
+if TYPE_CHECKING:
+    from fastapi import APIRouter, FastAPI
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +28,10 @@ def has_extra(module: str) -> bool:
 
 def backend_app(settings: Settings | None = None) -> FastAPI:
     """The ML backend app with every installed part: retraining (rq) and similarity (qdrant-client)."""
+    from defect_assist.serving.app import create_app  # fastapi: the server extra
+
     routers: list[APIRouter] = []
-    handler: WebhookHandler | None = None
+    handler: Any = None
     if has_extra("rq"):
         from defect_assist_worker.routes import router as retrain_router
         from defect_assist_worker.triggers import handle_webhook_event

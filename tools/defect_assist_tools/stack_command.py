@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from defect_assist.core.settings import get_settings
-from defect_assist_tools.stack import StackOptions, run_stack
 
 
 def stack(
@@ -36,6 +35,8 @@ def stack(
     ] = None,
 ) -> None:
     """Run the embedded stack: Redis, a retrain worker, the ML backend and Label Studio if set up."""
+    from defect_assist_tools.stack import StackOptions, run_stack  # httpx: the server extra
+
     options = StackOptions(
         data=data or get_settings().datasets_dir / "magnetic_tile",
         project=project,

@@ -28,7 +28,7 @@ from rich.table import Table
 from torch.nn import functional as F
 
 from defect_assist.core.images import IMAGE_EXTENSIONS
-from defect_assist.core.models import create_model, model_class
+from defect_assist.core.models.registry import create_model, model_class
 from defect_assist.core.progress import ProgressCallback
 
 logger = logging.getLogger(__name__)

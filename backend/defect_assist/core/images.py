@@ -101,15 +101,6 @@ def load_image(source: ImageSource) -> np.ndarray:
     return rgb
 
 
-def load_mask(path: str | Path, height: int, width: int) -> np.ndarray:
-    """Read a ground-truth mask as bool ``H x W`` (any non-zero pixel is defect), resized if needed."""
-    with Image.open(path) as image:
-        mask = image.convert("L")
-        if mask.size != (width, height):
-            mask = mask.resize((width, height), Image.Resampling.NEAREST)
-        return np.asarray(mask) > 0
-
-
 def iter_image_files(root: str | Path) -> Iterator[Path]:
     """Image files under ``root`` (recursively), sorted, skipping hidden files."""
     root = Path(root)

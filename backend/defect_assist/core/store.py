@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from defect_assist.core.models import AnomalyModel, load_model
+from defect_assist.core.models.base import AnomalyModel
 from defect_assist.core.models.metadata import METADATA_FILE, WEIGHTS_FILE
+from defect_assist.core.models.registry import load_model
 
 CURRENT_FILE = "CURRENT"
 VERSION_PATTERN = re.compile(r"^v(\d{4,})-([a-z0-9_]+)$")

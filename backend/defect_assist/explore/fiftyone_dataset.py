@@ -29,7 +29,8 @@ import fiftyone.brain as fob
 import numpy as np
 from PIL import Image
 
-from defect_assist.core.models import AnomalyModel, Prediction
+from defect_assist.core.models.base import AnomalyModel
+from defect_assist.core.models.prediction import Prediction
 from defect_assist.core.progress import ProgressCallback
 from defect_assist.explore.qdrant_backend import BACKEND_NAME, register_backend
 from defect_assist.similarity.embedding import EMBEDDING_NAME, SimilarityEmbedder

@@ -9,9 +9,7 @@ client is opened per operation and closed again; that lets the App server and th
 take turns on the same folder.
 
 Register it with :func:`register_backend` (done on import of ``defect_assist.explore``'s dataset
-builder); the App's server process finds it through the brain run's stored config class, and
-``FIFTYONE_BRAIN_SIMILARITY_BACKENDS``/``..._QDRANT_LOCAL_CONFIG_CLS`` for new runs (see
-:func:`backend_environment`).
+builder); the App's server process finds it through the brain run's stored config class.
 """
 
 from __future__ import annotations
@@ -142,11 +140,3 @@ def register_backend() -> None:
     import fiftyone.brain as fob
 
     fob.brain_config.similarity_backends.setdefault(BACKEND_NAME, {})["config_cls"] = CONFIG_CLS
-
-
-def backend_environment() -> dict[str, str]:
-    """Environment variables exposing the backend to other FiftyOne processes (e.g. the App)."""
-    return {
-        "FIFTYONE_BRAIN_SIMILARITY_BACKENDS": f"*,{BACKEND_NAME}",
-        f"FIFTYONE_BRAIN_SIMILARITY_{BACKEND_NAME.upper()}_CONFIG_CLS": CONFIG_CLS,
-    }

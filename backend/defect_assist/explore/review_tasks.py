@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from defect_assist.core.models import Prediction
+from defect_assist.core.models.prediction import Prediction
 from defect_assist.core.settings import get_settings
 from defect_assist.label_studio.client import LabelStudioClient
 from defect_assist.label_studio.label_config import ControlSpec

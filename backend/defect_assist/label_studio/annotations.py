@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from defect_assist.label_studio.regions import rle_to_mask
+from defect_assist.label_studio.masks import rle_to_mask
 from defect_assist.label_studio.vocabulary import is_normal_choice
 
 IMAGE_EXTENSIONS = re.compile(r"\.(jpe?g|png|bmp|tiff?|webp)(\?|$)", re.IGNORECASE)

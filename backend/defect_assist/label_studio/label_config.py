@@ -3,44 +3,66 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
-from defect_assist.label_studio.vocabulary import (
-    ANOMALOUS_CHOICES,
-    NORMAL_CHOICES,
-    match_choice,
-    pick_defect_label,
+from defect_assist.label_studio.control_models import (
+    CONTROL_MODELS,
+    BrushModel,
+    ChoicesModel,
+    ControlModel,
+    PolygonModel,
+    RectangleModel,
 )
+
+if TYPE_CHECKING:
+    from label_studio_sdk.label_interface.control_tags import ControlTag
 
 
 class LabelConfigError(ValueError):
     """The labeling config has nothing this backend can fill."""
 
 
+def _model_field(model_class: type[ControlModel], attribute: str) -> property:
+    """A read-only attribute of the spec's ``model_class`` model (None without one)."""
+    return property(lambda spec: getattr(spec.model(model_class), attribute, None))
+
+
 @dataclass
 class ControlSpec:
-    """The tags of a labeling config this backend fills, all pointing at one Image tag."""
+    """The Image tag predicted on, its task data key, and the control models that fill tags on it."""
 
     image: str  # Image tag name (to_name)
     image_key: str  # task data key holding the URL ($image → image)
-    brush: str | None = None
-    brush_label: str | None = None
-    choices: str | None = None
-    normal_choice: str | None = None
-    anomalous_choice: str | None = None
-    polygon: str | None = None
-    polygon_label: str | None = None
-    rectangle: str | None = None
-    rectangle_label: str | None = None
+    models: list[ControlModel] = field(default_factory=list)  # in CONTROL_MODELS order
     warnings: list[str] = field(default_factory=list)
+
+    # The names and labels of the filled tags, as read before the control models.
+    brush = _model_field(BrushModel, "from_name")
+    brush_label = _model_field(BrushModel, "label")
+    choices = _model_field(ChoicesModel, "from_name")
+    normal_choice = _model_field(ChoicesModel, "normal_choice")
+    anomalous_choice = _model_field(ChoicesModel, "anomalous_choice")
+    polygon = _model_field(PolygonModel, "from_name")
+    polygon_label = _model_field(PolygonModel, "label")
+    rectangle = _model_field(RectangleModel, "from_name")
+    rectangle_label = _model_field(RectangleModel, "label")
 
     @property
     def fills(self) -> list[str]:
-        return [name for name in (self.brush, self.choices, self.polygon, self.rectangle) if name]
+        """Names of the filled control tags."""
+        return [model.from_name for model in self.models]
+
+    def model(self, model_class: type[ControlModel]) -> ControlModel | None:
+        """The model of ``model_class`` among the spec's, if any."""
+        return next((model for model in self.models if isinstance(model, model_class)), None)
 
     @classmethod
     def from_config(cls, config: str) -> ControlSpec:
-        """Read a labeling config; raises :class:`LabelConfigError` when nothing can be filled."""
+        """Read a labeling config; raises :class:`LabelConfigError` when nothing can be filled.
+
+        The Image tag with the most kinds of controls pointing at it is chosen; of each kind, the
+        first control is filled when a control model matches it.
+        """
         from label_studio_sdk.label_interface import LabelInterface
 
         if not config or not config.strip():
@@ -52,7 +74,7 @@ class ControlSpec:
         images = [o for o in interface.objects if o.tag == "Image"]
         if not images:
             raise LabelConfigError("labeling config has no <Image> tag; this backend predicts on images")
-        by_image: dict[str, dict[str, Any]] = {image.name: {} for image in images}
+        by_image: dict[str, dict[str, ControlTag]] = {image.name: {} for image in images}
         for control in interface.controls:
             for target in control.to_name or []:
                 if target in by_image:
@@ -61,31 +83,15 @@ class ControlSpec:
         controls = by_image[image.name]
         value = str(image.value or "")
         spec = cls(image=image.name, image_key=value.lstrip("$") or image.name)
-        if "BrushLabels" in controls:
-            spec.brush = controls["BrushLabels"].name
-            spec.brush_label = pick_defect_label(controls["BrushLabels"].labels)
-        if "PolygonLabels" in controls:
-            spec.polygon = controls["PolygonLabels"].name
-            spec.polygon_label = pick_defect_label(controls["PolygonLabels"].labels)
-        if "RectangleLabels" in controls:
-            spec.rectangle = controls["RectangleLabels"].name
-            spec.rectangle_label = pick_defect_label(controls["RectangleLabels"].labels)
-        if "Choices" in controls:
-            labels = list(controls["Choices"].labels or [])
-            normal = match_choice(labels, NORMAL_CHOICES)
-            anomalous = match_choice(labels, ANOMALOUS_CHOICES)
-            if normal and anomalous:
-                spec.choices, spec.normal_choice, spec.anomalous_choice = (
-                    controls["Choices"].name,
-                    normal,
-                    anomalous,
-                )
-            else:
-                spec.warnings.append(
-                    f"Choices {controls['Choices'].name!r} has no normal/anomalous pair among {labels}; "
-                    "verdict not filled"
-                )
-        if not spec.fills:
+        for model_class in CONTROL_MODELS:
+            control = controls.get(model_class.tag)
+            if control is None:
+                continue
+            if model_class.is_control_matched(control):
+                spec.models.append(model_class.create(control, image.name))
+            elif warning := model_class.unmatched_warning(control):
+                spec.warnings.append(warning)
+        if not spec.models:
             raise LabelConfigError(
                 "labeling config has no BrushLabels, PolygonLabels, RectangleLabels or normal/anomalous "
                 f"Choices on <Image name={image.name!r}>; nothing to pre-annotate"

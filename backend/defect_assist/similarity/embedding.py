@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from defect_assist.core.images import ImageSource
-from defect_assist.core.models import AnomalyModel, Prediction
+from defect_assist.core.models.base import AnomalyModel
+from defect_assist.core.models.prediction import Prediction
 
 EMBEDDING_NAME = "patch-mean+anomaly-weighted+verdict/v1"
 WEIGHTS = {"global": 1.0, "defect": 1.0, "verdict": 1.0}

@@ -11,7 +11,6 @@ from rich.console import Console
 from defect_assist.core.images import collect_images
 from defect_assist.core.progress import RichProgress, parse_options
 from defect_assist.core.settings import get_settings
-from defect_assist.training.pipeline import train_and_publish
 from defect_assist.training.progress import TrainingProgress
 
 console = Console(stderr=True)
@@ -47,6 +46,8 @@ def train(
     files = collect_images([images])
     if not files:
         raise typer.BadParameter(f"no images in {images}")
+    from defect_assist.training.pipeline import train_and_publish  # torch: loaded when training
+
     options: dict[str, Any] = parse_options(option)
     with RichProgress() as bars:
         result = train_and_publish(

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from defect_assist.label_studio.client import LabelStudioClient
+if TYPE_CHECKING:
+    from defect_assist.label_studio.client import LabelStudioClient
 
 
 class ImageCache:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from defect_assist.core.models import model_class
+from defect_assist.core.models.registry import model_class
 from defect_assist.training.image_cache import digest_of
 
 

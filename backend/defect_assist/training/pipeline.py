@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from defect_assist.core.models import create_model
+from defect_assist.core.models.registry import create_model
 from defect_assist.core.settings import Settings, resolve_device
 from defect_assist.core.store import ModelStore
 from defect_assist.training.image_cache import digest_of

@@ -12,11 +12,7 @@ from torch.nn import functional as F
 
 from defect_assist.core.models.base import AnomalyModel
 from defect_assist.core.models.patchcore.config import PatchcoreConfig
-from defect_assist.core.models.patchcore.torch_model import (
-    FastPatchcoreModel,
-    coverage_select,
-    estimate_radius,
-)
+from defect_assist.core.models.patchcore.torch_model import FastPatchcoreModel
 from defect_assist.core.models.prediction import Embedding
 from defect_assist.core.progress import ProgressCallback
 
@@ -32,18 +28,7 @@ class PatchcoreAnomalyModel(AnomalyModel):
 
     def __init__(self, device: str = "auto", **config: Any) -> None:
         super().__init__(device=device, **config)
-        self.model = (
-            FastPatchcoreModel(
-                backbone=self.config.backbone,
-                layers=self.config.layers,
-                balance_layers=self.config.balance_layers,
-                pretrained=self.config.pretrained,
-                num_neighbors=self.config.num_neighbors,
-                anomaly_map_sigma=self.config.anomaly_map_sigma * self.config.image_size / 256,
-            )
-            .to(self.device)
-            .eval()
-        )
+        self.model = FastPatchcoreModel.from_config(self.config).to(self.device).eval()
 
     # ------------------------------------------------------------------ fitting
     def _collect(
@@ -63,16 +48,11 @@ class PatchcoreAnomalyModel(AnomalyModel):
         started = time.perf_counter()
         features = self._collect(batches, n_images, progress)
         extracted = time.perf_counter()
-        radius = estimate_radius(features, self.config.coverage_quantile)
-        selected = coverage_select(features, radius, progress=progress)
-        if len(selected) > self.config.max_bank:
-            selected = selected[: self.config.max_bank]
-        self.model.radius = radius
-        self.model.set_memory_bank(torch.from_numpy(features[selected]).to(self.device))
+        bank_size = self.model.fit_memory_bank(features, progress=progress)
         return {
             "patch_features": len(features),
-            "memory_bank": len(selected),
-            "coverage_radius": round(radius, 5),
+            "memory_bank": bank_size,
+            "coverage_radius": round(self.model.radius, 5),
             "feature_seconds": round(extracted - started, 2),
             "coreset_seconds": round(time.perf_counter() - extracted, 2),
         }
@@ -81,12 +61,8 @@ class PatchcoreAnomalyModel(AnomalyModel):
         self, batches: Callable[[], Iterator[torch.Tensor]], n_images: int, progress: ProgressCallback
     ) -> dict[str, Any]:
         features = self._collect(batches, n_images, progress)
-        bank = self.model.memory_bank.float().cpu().numpy()
-        selected = coverage_select(features, self.model.radius, bank=bank, seed=len(bank), progress=progress)
-        if len(selected):
-            added = torch.from_numpy(features[selected]).to(self.model.memory_bank)
-            self.model.set_memory_bank(torch.cat([self.model.memory_bank, added]))
-        return {"added_patches": len(selected), "memory_bank": int(self.model.memory_bank.shape[0])}
+        added = self.model.extend_memory_bank(features, progress=progress)
+        return {"added_patches": added, "memory_bank": int(self.model.memory_bank.shape[0])}
 
     # ------------------------------------------------------------------ inference
     def _infer(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,3 +27,8 @@ class PatchcoreConfig(ModelConfig):
     anomaly_map_sigma: float = 24.0
     max_bank: int = 200_000
     pretrained: bool = True
+
+    @property
+    def map_sigma_pixels(self) -> float:
+        """``anomaly_map_sigma`` in pixels of the model input (it is given for a 256 px input)."""
+        return self.anomaly_map_sigma * self.image_size / 256

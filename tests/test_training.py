@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.unit
+
 
 def _brush(mask: np.ndarray) -> dict:
     from label_studio_sdk.converter.brush import mask2rle
