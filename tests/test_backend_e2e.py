@@ -226,6 +226,3 @@ def test_labeling_page_screenshot(label_studio_project: LabelStudioProject, back
         page.screenshot(path=str(target))
         browser.close()
     assert target.stat().st_size > 20_000
-    docs_image = ROOT / "docs" / "images" / "label-studio-prediction.png"
-    docs_image.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(target, docs_image)

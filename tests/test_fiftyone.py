@@ -2,7 +2,7 @@
 
 Builds a dataset (masks, heatmaps, verdicts, embeddings, 2-D plot, Qdrant similarity index), runs
 the plugin's operators programmatically (immediate and delegated), and screenshots the App with
-headless Chromium (saved to artifacts/ and docs/images/).
+headless Chromium (saved to artifacts/; docs/images/ holds a reviewed copy).
 """
 
 from __future__ import annotations
@@ -285,6 +285,3 @@ def test_app_screenshot_with_heatmaps(dataset) -> None:
     image = np.asarray(Image.open(out).convert("RGB")).astype(np.int16)
     assert image.shape[:2] == (1000, 1600)
     assert image.std() > 20  # a rendered grid, not a blank page
-    docs = ROOT / "docs" / "images"
-    docs.mkdir(parents=True, exist_ok=True)
-    shutil.copy(out, docs / "fiftyone-app.png")

@@ -16,6 +16,8 @@ from defect_assist.label_studio.client import LabelStudioClient, LabelStudioErro
 from defect_assist.label_studio.label_config import ControlSpec, LabelConfigError
 from defect_assist.label_studio.regions import mask_to_rle, prediction_regions, rle_to_mask
 
+pytestmark = pytest.mark.unit
+
 CONFIG = (
     Path(__file__).resolve().parents[1] / "backend/defect_assist/label_studio/labeling_config.xml"
 ).read_text()

@@ -34,9 +34,9 @@ CONFIG = LABELING_CONFIG  # the recommended labeling config
 USER, PASSWORD, TOKEN = "admin@example.com", "defect-assist-e2e", "0123456789abcdef0123456789abcdef01234567"
 
 
-def _lock_file() -> Path:
-    """Lock serialising the venv install and template build between parallel sessions."""
-    path = ROOT / "var" / "ls-venv.lock"  # var/ is git-ignored
+def _lock_file(what: str = "template") -> Path:
+    """Lock serialising the venv install (``install``) or the template build between parallel sessions."""
+    path = ROOT / "var" / f"ls-venv-{what}.lock"  # var/ is git-ignored
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -47,7 +47,7 @@ def ensure_label_studio(venv: Path = LS_VENV) -> Path:
     if executable.exists():
         return executable
     venv.parent.mkdir(parents=True, exist_ok=True)
-    with open(venv.parent / ".ls-venv.lock", "w") as lock:
+    with open(_lock_file("install"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not executable.exists():
             shutil.rmtree(venv, ignore_errors=True)
