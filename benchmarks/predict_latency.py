@@ -26,10 +26,11 @@ import uvicorn
 from defect_assist.core.models.registry import create_model
 from defect_assist.core.settings import Settings, resolve_device
 from defect_assist.core.store import ModelStore
+from defect_assist.label_studio import LABELING_CONFIG
 from defect_assist.serving import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = (ROOT / "backend/defect_assist/server/labeling_config.xml").read_text()
+CONFIG = LABELING_CONFIG.read_text()
 
 
 def _percentiles(values: list[float]) -> str:

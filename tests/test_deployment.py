@@ -91,6 +91,9 @@ def test_dockerfile_installs_the_project_with_the_service_extras() -> None:
     for source in re.findall(r"^COPY (\S+(?: \S+)*) \S+$", dockerfile, re.M):
         for path in source.split():
             assert (ROOT / path).exists(), f"COPY source {path} missing"
+    copied = {path for source in re.findall(r"^COPY (.+) \S+$", dockerfile, re.M) for path in source.split()}
+    package_folders = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert set(package_folders["find"]["where"]) <= copied, "every package folder must be in the image"
     extras = re.search(r"^ARG EXTRAS=(\S+)$", dockerfile, re.M).group(1).split(",")
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert set(extras) <= set(declared)
