@@ -7,7 +7,6 @@ headless Chromium screenshots into ``artifacts/``.
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import uvicorn
+from browser import headless_browser
 from label_studio_server import PASSWORD, USER, LabelStudioProject, free_port
 from PIL import Image
 
@@ -187,10 +187,6 @@ def test_training_and_annotation_webhooks_are_handed_off(
 
 
 def test_labeling_page_screenshot(label_studio_project: LabelStudioProject, backend: RunningBackend) -> None:
-    playwright = pytest.importorskip("playwright.sync_api")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("Debian chromium not installed (apt-get install -y chromium)")
     ls = label_studio_project.server
     tasks = ls.tasks(label_studio_project.id)
     task = next(
@@ -202,18 +198,7 @@ def test_labeling_page_screenshot(label_studio_project: LabelStudioProject, back
     artifacts = ROOT / "artifacts"
     artifacts.mkdir(exist_ok=True)
     target = artifacts / "label-studio-prediction.png"
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=chromium,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--no-first-run",
-                "--disable-sync",
-            ],
-        )
+    with headless_browser() as browser:
         page = browser.new_page(viewport={"width": 1440, "height": 900})
         page.goto(f"{ls.url}/user/login/")
         page.fill("input[name=email]", USER)
@@ -224,5 +209,4 @@ def test_labeling_page_screenshot(label_studio_project: LabelStudioProject, back
         page.wait_for_selector("canvas", timeout=90_000)
         page.wait_for_timeout(4000)  # image decode + brush layer
         page.screenshot(path=str(target))
-        browser.close()
     assert target.stat().st_size > 20_000

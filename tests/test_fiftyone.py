@@ -28,6 +28,7 @@ os.environ.setdefault("FIFTYONE_DEFAULT_APP_ADDRESS", "127.0.0.1")
 
 fo = pytest.importorskip("fiftyone")
 import fiftyone.operators as foo  # noqa: E402
+from browser import headless_browser  # noqa: E402
 from qdrant_client import QdrantClient  # noqa: E402
 
 from defect_assist.core.models.registry import create_model  # noqa: E402
@@ -224,42 +225,23 @@ def test_label_studio_tasks_carry_predictions(dataset) -> None:
             assert np.array_equal(decoded, mask)
 
 
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-]
-
-
-def _screenshot(chromium: str, url: str, out: Path) -> None:
+def _screenshot(url: str, out: Path) -> None:
     """Open the App in headless Chromium (driven by Playwright), wait for the grid, save a PNG."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.goto(url, wait_until="load", timeout=90_000)  # (the App keeps a connection open: no idle)
-            page.get_by_text("anomaly_map").first.wait_for(timeout=90_000)  # sidebar rendered
-            page.wait_for_timeout(15_000)  # let the grid load thumbnails and draw the overlays
-            dismiss = page.get_by_text("Dismiss")
-            if dismiss.count():
-                dismiss.first.click()
-                page.wait_for_timeout(1_000)
-            page.screenshot(path=str(out))
-        finally:
-            browser.close()
+    with headless_browser() as browser:
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.goto(url, wait_until="load", timeout=90_000)  # (the App keeps a connection open: no idle)
+        page.get_by_text("anomaly_map").first.wait_for(timeout=90_000)  # sidebar rendered
+        page.wait_for_timeout(15_000)  # let the grid load thumbnails and draw the overlays
+        dismiss = page.get_by_text("Dismiss")
+        if dismiss.count():
+            dismiss.first.click()
+            page.wait_for_timeout(1_000)
+        page.screenshot(path=str(out))
 
 
 def test_app_screenshot_with_heatmaps(dataset) -> None:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium)")
-    pytest.importorskip("playwright")
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        pytest.skip("Debian chromium not installed (apt-get install -y chromium)")
     dataset.persistent = True  # the App server is another process
     port = free_port()
     session = fo.launch_app(
@@ -278,7 +260,7 @@ def test_app_screenshot_with_heatmaps(dataset) -> None:
             except OSError:
                 time.sleep(1)
         out.unlink(missing_ok=True)
-        _screenshot(chromium, f"http://127.0.0.1:{port}/datasets/{dataset.name}", out)
+        _screenshot(f"http://127.0.0.1:{port}/datasets/{dataset.name}", out)
     finally:
         session.close()
         dataset.persistent = False
