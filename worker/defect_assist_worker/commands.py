@@ -4,14 +4,29 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+if TYPE_CHECKING:
+    import redis
+
 console = Console(stderr=True)
 out = Console()
+
+
+def _connection() -> redis.Redis:
+    """The queue's Redis, or a clear exit when neither REDIS_URL nor the embedded server answers."""
+    from defect_assist_worker.queues import get_connection
+    from defect_assist_worker.redis_server import RedisServerError
+
+    try:
+        return get_connection()
+    except RedisServerError as error:
+        console.print(f"[red]{error}[/red]: start `defect-assist worker` (it starts Redis) or set REDIS_URL")
+        raise typer.Exit(1) from None
 
 
 def register(app: typer.Typer) -> None:
@@ -41,10 +56,9 @@ def register(app: typer.Typer) -> None:
         """Request a retrain of a project (one job per project; a running one gets one follow-up)."""
         from rq.job import Job
 
-        from defect_assist_worker.queues import get_connection
         from defect_assist_worker.triggers import request_retrain
 
-        connection = get_connection()
+        connection = _connection()
         answer = request_retrain(project, reason, mode=mode, connection=connection)
         out.print(json.dumps(answer))
         if not wait:
@@ -87,10 +101,9 @@ def register(app: typer.Typer) -> None:
         limit: Annotated[int, typer.Option(help="At most this many jobs.")] = 20,
     ) -> None:
         """Retrain jobs: status, stage, %, ETA, version and failure reason."""
-        from defect_assist_worker.queues import get_connection
         from defect_assist_worker.status import list_jobs
 
-        found = list_jobs(get_connection(), project, limit)
+        found = list_jobs(_connection(), project, limit)
         if as_json:
             out.print_json(json.dumps(found, default=str))
             return
