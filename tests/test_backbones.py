@@ -12,6 +12,8 @@ import torch
 from defect_assist.core import backbones
 from defect_assist.core.images import load_image
 
+pytestmark = pytest.mark.unit
+
 
 def _imagenet_batch(root: Path, size: int, mean, std, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Resize-256/centre-crop-224 style preprocessing; labels from the sorted synset folders."""
@@ -35,6 +37,7 @@ def _imagenet_batch(root: Path, size: int, mean, std, step: int) -> tuple[torch.
     return tensor, torch.tensor(labels)
 
 
+@pytest.mark.slow  # ~20 s each on two busy cores (125 ImageNet images at 224 px)
 @pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "tf_efficientnet_lite2"])
 def test_offline_weights_classify_imagenet_sample(name: str, imagenet_sample: Path) -> None:
     synsets = sorted(p.name for p in imagenet_sample.iterdir() if p.is_dir())
@@ -67,13 +70,15 @@ def test_mapping_by_order_fails_loudly_on_mismatch() -> None:
         backbones.map_state_dict_by_order(source, ["x"], [torch.Size([3, 3])])
 
 
-def test_feature_extractor_gets_the_classifier_weights() -> None:
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "tf_efficientnet_lite1"])
+def test_feature_extractor_gets_the_classifier_weights(name: str) -> None:
     from defect_assist.core.models.patchcore.torch_model import FastPatchcoreModel
 
-    model = FastPatchcoreModel(backbone="tf_efficientnet_lite0")
-    reference = backbones.pretrained_state_dict("tf_efficientnet_lite0")
-    stem = model.feature_extractor.feature_extractor.state_dict()["conv_stem.weight"]
-    assert torch.equal(stem, reference["conv_stem.weight"])
+    model = FastPatchcoreModel(backbone=name)
+    reference = backbones.pretrained_state_dict(name)
+    extractor = model.feature_extractor.feature_extractor.state_dict()
+    for key in ("conv_stem.weight", "blocks.4.0.conv_pw.weight"):
+        assert torch.equal(extractor[key], reference[key]), key
 
 
 def test_unknown_backbone_is_a_clear_error() -> None:
