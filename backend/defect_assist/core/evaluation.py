@@ -199,6 +199,7 @@ def evaluate_category(
         masks.append(resize_for_eval(mask, is_mask=True).bool())
 
     labels_np, scores_np = np.asarray(labels), np.asarray(raw_scores)
+    config = model.config.to_dict()
     has_both = 0 < labels_np.sum() < len(labels_np)
     result: dict[str, Any] = {
         "image_auroc": image_auroc(scores_np, labels_np) if has_both else math.nan,
@@ -213,7 +214,7 @@ def evaluate_category(
         "n_test": len(labels),
         "n_test_anomalous": int(labels_np.sum()),
         "fit_details": report.details,
-        "model_config": {k: v for k, v in model.config.items() if isinstance(v, str | int | float | list)},
+        "model_config": {k: v for k, v in config.items() if isinstance(v, str | int | float | list)},
     }
     if maps:
         map_stack, mask_stack = torch.stack(maps), torch.stack(masks)

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+# imported here, not on the first /setup: Label Studio gives /setup 3 s and the SDK takes seconds to load
+from label_studio_sdk.label_interface import LabelInterface
+
 from defect_assist.label_studio.control_models import (
     CONTROL_MODELS,
     BrushModel,
@@ -63,8 +66,6 @@ class ControlSpec:
         The Image tag with the most kinds of controls pointing at it is chosen; of each kind, the
         first control is filled when a control model matches it.
         """
-        from label_studio_sdk.label_interface import LabelInterface
-
         if not config or not config.strip():
             raise LabelConfigError("empty labeling config")
         try:
