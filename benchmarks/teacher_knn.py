@@ -26,7 +26,8 @@ from PIL import Image
 from torch.nn import functional as F
 
 from defect_assist.core.evaluation import image_auroc, load_category, read_mask
-from defect_assist.core.models.efficientad.teacher import BackboneTargets, build_pdn
+from defect_assist.core.models.efficientad.teacher.network import build_pdn
+from defect_assist.core.models.efficientad.teacher.targets import BackboneTargets
 
 
 def load_square(path: Path, size: int) -> torch.Tensor:

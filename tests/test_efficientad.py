@@ -1,4 +1,5 @@
-"""EfficientAd offline: teacher distillation (seeded, resumable, anomalib keys) and the model end to end."""
+"""EfficientAd offline: teacher distillation (seeded, resumable, anomalib keys), the map border, the
+Lightning module in anomalib's Engine, embeddings for similarity search, and the model end to end."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from defect_assist.core.models.efficientad import teacher as teacher_mod
-from defect_assist.core.models.efficientad.teacher import DistillConfig, TeacherInfo, distill_teacher
+from defect_assist.core.models.efficientad.distill_config import DistillConfig
+from defect_assist.core.models.efficientad.teacher import network, paths, resolve, targets
+from defect_assist.core.models.efficientad.teacher.distill import distill_teacher
+from defect_assist.core.models.efficientad.teacher.paths import TeacherInfo
+from defect_assist.core.models.efficientad.torch_model import build_model
+
+pytestmark = pytest.mark.unit
 
 TINY = {
     "steps": 4,
@@ -74,21 +80,21 @@ def test_distill_teacher_command_uses_the_config_defaults(natural_images: Path, 
 
 def test_context_targets_align_with_pdn_output() -> None:
     """The backbone sees crop + context; the targets are the centre cells, on the PDN's output grid."""
-    targets = teacher_mod.BackboneTargets(pretrained=False, context=16)
-    crops, target = targets.split(torch.rand(2, 3, 96, 96))
-    assert crops.shape == (2, 3, 64, 64) and target.shape == (2, targets.channels, 16, 16)
-    net = teacher_mod.DistillationNet("small", targets.channels)
+    backbone = targets.BackboneTargets(pretrained=False, context=16)
+    crops, target = backbone.split(torch.rand(2, 3, 96, 96))
+    assert crops.shape == (2, 3, 64, 64) and target.shape == (2, backbone.channels, 16, 16)
+    net = network.DistillationNet("small", backbone.channels)
     assert net(crops).shape == target.shape
     with pytest.raises(ValueError):
-        teacher_mod.BackboneTargets(pretrained=False, context=6)
+        targets.BackboneTargets(pretrained=False, context=6)
 
 
 @pytest.mark.parametrize("size", ["small", "medium"])
 def test_folded_teacher_keeps_the_adapter_geometry(size: str) -> None:
     """Folding the adapter into the last layer: anomalib's keys/shapes, same pairwise distances."""
-    net = teacher_mod.DistillationNet(size, 40).eval()
-    pdn = teacher_mod.build_pdn(size, padding=True).eval()
-    pdn.load_state_dict(teacher_mod.folded_teacher_state(net, seed=0), strict=True)
+    net = network.DistillationNet(size, 40).eval()
+    pdn = network.build_pdn(size, padding=True).eval()
+    pdn.load_state_dict(network.folded_teacher_state(net, seed=0), strict=True)
     with torch.no_grad():
         x = torch.rand(2, 3, 64, 64)
         a, b = net(x).flatten(2).transpose(1, 2), pdn(x).flatten(2).transpose(1, 2)
@@ -99,8 +105,6 @@ def test_folded_teacher_keeps_the_adapter_geometry(size: str) -> None:
 def test_replicated_map_border_scores_the_image_edge() -> None:
     """The unpadded PDN grid misses 4 cells (16 px) per side: replicated, not zeros as anomalib pads."""
     from anomalib.models.image.efficient_ad.torch_model import EfficientAdModel
-
-    from defect_assist.core.models.efficientad.torch_model import build_model
 
     image = torch.rand(1, 3, 256, 256)  # anomalib's own autoencoder needs >= 256 px
     replicate = build_model("small", None, map_border="replicate").eval()
@@ -127,8 +131,6 @@ def test_replicated_map_border_scores_the_image_edge() -> None:
 def test_padded_pdn_maps_have_no_margin() -> None:
     """With padding=True the grid covers the image: no margin is added, whatever pad_maps says."""
     from anomalib.models.image.efficient_ad.torch_model import EfficientAdModel
-
-    from defect_assist.core.models.efficientad.torch_model import build_model
 
     image = torch.rand(1, 3, 256, 256)
     padded = build_model("small", None, padding=True, pad_maps=True).eval()
@@ -172,18 +174,151 @@ def test_official_teacher_is_preferred(
     tiny_teacher: TeacherInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert teacher_mod.official_teacher("small") is None
-    installed = teacher_mod.install_for_anomalib(tiny_teacher.path, "small")  # ours: marked, not "official"
-    assert installed == teacher_mod.anomalib_teacher_path("small") and installed.is_file()
-    assert teacher_mod.official_teacher("small") is None
+    assert paths.official_teacher("small") is None
+    installed = paths.install_for_anomalib(tiny_teacher.path, "small")  # ours: marked, not "official"
+    assert installed == paths.anomalib_teacher_path("small") and installed.is_file()
+    assert paths.official_teacher("small") is None
     installed.with_name(
-        installed.name + teacher_mod.OUR_MARKER_SUFFIX
+        installed.name + paths.OUR_MARKER_SUFFIX
     ).unlink()  # now it looks like anomalib's file
-    info = teacher_mod.resolve_teacher("small", "auto", model_dir=tmp_path / "models")
+    info = resolve.resolve_teacher("small", "auto", model_dir=tmp_path / "models")
     assert info.source == "official" and info.path == installed
-    assert (
-        teacher_mod.install_for_anomalib(tiny_teacher.path, "small", overwrite=True) is None
-    )  # never replaced
+    assert paths.install_for_anomalib(tiny_teacher.path, "small", overwrite=True) is None  # never replaced
+
+
+@pytest.fixture(scope="module")
+def tiny_tile(make_tiny_mvtec) -> Path:
+    """A small MVTec-layout copy: 12 train normals, 3 test normals, 2 break + 2 uneven."""
+    return make_tiny_mvtec(n_train=12, n_good=3, n_defect=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_tile: Path, natural_images: Path):
+    """EfficientAd with a random teacher, 20 steps at 128 px (shared by the embedding tests)."""
+    from defect_assist.core.models.registry import create_model
+
+    model = create_model(
+        "efficientad",
+        device="cpu",
+        teacher="random",
+        penalty_dir=str(natural_images),
+        image_size=128,
+        max_steps=20,
+        val_every=0,
+        patience=0,
+        time_budget_s=0,
+    )
+    model.fit(sorted((tiny_tile / "train" / "good").glob("*.jpg")), seed=0)
+    return model
+
+
+def test_lightning_module_has_the_served_defaults(natural_images: Path) -> None:
+    """OfflineEfficientAd = the served model on CPU: same resolved config, network and input size."""
+    from anomalib.data.transforms.utils import extract_transforms_by_type
+    from torchvision.transforms.v2 import Resize
+
+    from defect_assist.core.models.efficientad.anomaly_model import EfficientAdAnomalyModel
+    from defect_assist.core.models.efficientad.lightning_model import OfflineEfficientAd
+    from defect_assist.core.models.efficientad.torch_model import ResizingAutoEncoder
+
+    served = EfficientAdAnomalyModel(device="cpu")
+    module = OfflineEfficientAd()
+    assert module.efficientad_config == served.config
+    assert (served.config.model_size, served.config.image_size, served.config.map_border) == (
+        "small",
+        128,
+        "replicate",
+    )
+    assert module.model_size.value == "small" and module.lr == served.config.lr
+    assert module.imagenet_dir == paths.natural_images_dir()
+    assert isinstance(module.model.ae, ResizingAutoEncoder) and module.model.map_border == "replicate"
+    assert module.model.state_dict().keys() == served.model.state_dict().keys()
+    (resize,) = extract_transforms_by_type(module.pre_processor.transform, Resize)
+    assert list(resize.size) == [128, 128]
+    assert OfflineEfficientAd(imagenet_dir=natural_images).imagenet_dir == natural_images
+
+
+@pytest.mark.slow
+def test_lightning_module_trains_in_anomalibs_engine(
+    tiny_tile: Path, natural_images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """anomalib's Engine fits OfflineEfficientAd (random teacher, 3 steps) and predicts maps, no download."""
+    from anomalib.data import Folder
+    from anomalib.engine import Engine
+    from anomalib.models.image.efficient_ad import lightning_model as anomalib_efficientad
+
+    from defect_assist.core.models.efficientad.lightning_model import OfflineEfficientAd
+
+    def no_download(*args: object, **kwargs: object) -> None:
+        raise AssertionError("OfflineEfficientAd tried to download")
+
+    monkeypatch.setattr(anomalib_efficientad, "download_and_extract", no_download)
+    datamodule = Folder(
+        name="tile",
+        root=tiny_tile,
+        normal_dir="train/good",
+        abnormal_dir=["test/break", "test/uneven"],
+        normal_test_dir="test/good",
+        train_batch_size=1,
+        eval_batch_size=4,
+        num_workers=0,
+        seed=0,
+    )
+    torch.manual_seed(0)
+    model = OfflineEfficientAd(imagenet_dir=natural_images, teacher="random", visualizer=False)
+    engine = Engine(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=3,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    engine.fit(model, datamodule=datamodule)
+    assert model.teacher_info is not None and model.teacher_info.source == "random"
+    assert model.model.is_set(model.model.mean_std) and model.model.is_set(model.model.quantiles)
+    batches = engine.predict(model, datamodule=datamodule)
+    assert batches and sum(len(b.image) for b in batches) == len(datamodule.test_data)
+    for batch in batches:  # at the served model's 128 px; scores normalised by anomalib's post-processor
+        n = len(batch.image)
+        assert (
+            tuple(batch.anomaly_map.shape[-2:]) == (128, 128) and batch.anomaly_map.numel() == n * 128 * 128
+        )
+        assert batch.pred_score.numel() == n and torch.isfinite(batch.anomaly_map).all()
+        assert bool(((batch.pred_score >= 0) & (batch.pred_score <= 1)).all())
+
+
+def test_embed_fills_both_parts(tiny_model, tiny_tile: Path) -> None:
+    """embed(): channel-standardised teacher features pooled over the image and over the anomaly map."""
+    from defect_assist.core.models.prediction import Embedding
+
+    images = sorted((tiny_tile / "test").rglob("*.jpg"))[:3]
+    embedding = tiny_model.embed(tiny_model.load_batch(images).tensor)
+    assert isinstance(embedding, Embedding)
+    assert embedding.pooled.shape == (3, 384) and embedding.defect.shape == (3, 384)
+    assert torch.isfinite(embedding.pooled).all() and torch.isfinite(embedding.defect).all()
+    assert not torch.allclose(embedding.pooled, embedding.defect)  # the defect part follows the map
+    arrays = tiny_model.embed_images(images)
+    assert arrays.pooled.shape == arrays.defect.shape == (3, 384) and arrays.errors == [None] * 3
+
+
+def test_similarity_index_finds_the_indexed_image(tiny_model, tiny_tile: Path, tmp_path: Path) -> None:
+    """An EfficientAd model indexes a folder in embedded Qdrant; an indexed image is its own nearest."""
+    from defect_assist.similarity.embedding import SimilarityEmbedder
+    from defect_assist.similarity.index import SimilarityIndex, query_similar, update_index
+    from defect_assist.similarity.mvtec import walk_folder
+
+    records = walk_folder(tiny_tile)
+    embedder = SimilarityEmbedder(tiny_model, "v1-efficientad")
+    with SimilarityIndex("efficientad", path=tmp_path / "qdrant") as index:
+        report = update_index(index, embedder, records, "v1-efficientad")
+        assert report.added == report.total == len(records) and not report.failed
+        for record in (records[0], records[-1]):  # a train normal, a test defect
+            _, neighbours = query_similar(index, embedder, record.path, k=3, exclude_self=False)
+            assert neighbours[0].payload["path"] == str(Path(record.path).resolve())
+            assert neighbours[0].similarity == pytest.approx(1.0, abs=1e-4)
+            assert neighbours[1].similarity < neighbours[0].similarity
 
 
 def pasted_natural_patches(
@@ -212,6 +347,7 @@ def pasted_natural_patches(
     return clean, pasted, boxes
 
 
+@pytest.mark.slow
 def test_efficientad_end_to_end(
     tiny_teacher: TeacherInfo,
     natural_images: Path,

@@ -50,16 +50,16 @@ def register(app: typer.Typer) -> None:
         ] = False,
     ) -> None:
         """Distil a PDN teacher from an offline ImageNet backbone; cached with provenance."""
-        from defect_assist.core.models.efficientad.teacher import (
+        from defect_assist.core.models.efficientad.teacher.distill import distill_teacher
+        from defect_assist.core.models.efficientad.teacher.paths import (
             default_teacher_name,
-            distill_teacher,
             install_for_anomalib,
+            natural_images_dir,
             official_teacher,
             teacher_root,
         )
         from defect_assist.core.settings import get_settings
 
-        settings = get_settings()
         if official_teacher(size):
             typer.echo(
                 f"note: anomalib's official teacher exists at {official_teacher(size)}; "
@@ -68,7 +68,7 @@ def register(app: typer.Typer) -> None:
         config = DistillConfig(
             size=size,
             backbone=backbone,
-            data=str(data or settings.datasets_dir / "imagenet_sample"),
+            data=str(data or natural_images_dir()),
             steps=steps,
             batch_size=batch_size,
             crop_size=crop_size,
@@ -77,7 +77,7 @@ def register(app: typer.Typer) -> None:
             lr=lr,
             seed=seed,
         )
-        folder = teacher_root(model_dir or settings.model_dir) / (
+        folder = teacher_root(model_dir or get_settings().model_dir) / (
             name or default_teacher_name(size, backbone)
         )
         info = distill_teacher(config, folder, resume=not fresh)

@@ -1,17 +1,15 @@
-"""anomalib 2.7's EfficientAd network and training step, fed offline.
+"""anomalib 2.7's EfficientAd network, fed offline (no Lightning here).
 
 The network, the losses (hard student-teacher loss + ImageNet penalty, autoencoder loss,
 student-autoencoder loss), the teacher channel statistics and the map-normalisation quantiles are
 anomalib's (:class:`anomalib.models.image.efficient_ad.torch_model.EfficientAdModel` and the logic
 of its Lightning module). What differs: the teacher comes from :mod:`.teacher` (official file,
-distilled, or random), and the penalty images from a local ``ImageFolder`` (no imagenette
-download). Training batch size is 1, as in the paper and anomalib.
+distilled, or random), the autoencoder accepts inputs below 256 px (:class:`ResizingAutoEncoder`),
+and how the maps cover the image border is a choice (:mod:`.anomaly_map`). Training batch size is
+1, as in the paper and anomalib.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from anomalib.models.image.efficient_ad.torch_model import (
@@ -21,15 +19,11 @@ from anomalib.models.image.efficient_ad.torch_model import (
     reduce_tensor_elems,
 )
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
-from torchvision.datasets import ImageFolder
-from torchvision.transforms.v2 import CenterCrop, Compose, RandomGrayscale, Resize, ToDtype, ToImage
 
-from defect_assist.core.models.efficientad.teacher import (
-    TEACHER_OUT_CHANNELS,
-    TeacherInfo,
-    load_teacher_weights,
-)
+from defect_assist.core.models.efficientad.anomaly_map import PDN_MAP_MARGIN, AnomalyMapGenerator
+from defect_assist.core.models.efficientad.teacher.network import TEACHER_OUT_CHANNELS
+from defect_assist.core.models.efficientad.teacher.paths import TeacherInfo
+from defect_assist.core.models.efficientad.teacher.resolve import load_teacher_weights
 
 AE_MIN_INPUT = 256  # the encoder's five stride-2 convolutions and final 8x8 kernel need >= 256 px
 
@@ -42,30 +36,27 @@ class ResizingAutoEncoder(AutoEncoder):
     """
 
     def forward(self, x: torch.Tensor, image_size: tuple[int, int] | torch.Size) -> torch.Tensor:
+        if x.dim() == 3:  # anomalib's Lightning module computes the map quantiles image by image
+            x = x[None]  # (anomalib's ImageNet normalisation broadcasts such an image to a batch of 1)
         if min(x.shape[-2:]) < AE_MIN_INPUT:
             x = F.interpolate(x, size=(AE_MIN_INPUT, AE_MIN_INPUT), mode="bilinear", align_corners=False)
         return super().forward(x, image_size)
 
 
-MAP_BORDERS = ("replicate", "zeros")
-PDN_MAP_MARGIN = 4  # cells the unpadded PDN's output grid lacks on each side (stride 4: 16 px)
-
-
 class OfflineEfficientAdModel(EfficientAdModel):
-    """anomalib's EfficientAd network; how the map is extended over the image border is a choice.
+    """anomalib's EfficientAd network; its maps cover the image border as ``map_border`` says.
 
-    Without PDN padding the output grid misses ``PDN_MAP_MARGIN`` cells on every side. anomalib pads
-    them with zeros (``map_border="zeros"``): a zero distance, i.e. "certainly normal", so a defect
-    touching the image border (tile breaks, edge bands) cannot score there. At 128 px that margin is
-    16 px of every side, a quarter of the image. ``"replicate"`` (our default) extends the nearest
-    computed cell instead. Weights, losses and training are unchanged.
+    Weights, losses and training are anomalib's; ``map_border="zeros"`` is anomalib's map too.
     """
 
     def __init__(self, *args: object, map_border: str = "replicate", **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
-        if map_border not in MAP_BORDERS:
-            raise ValueError(f"map_border must be one of {MAP_BORDERS}; got {map_border!r}")
-        self.map_border = map_border
+        margin = PDN_MAP_MARGIN if self.pad_maps else 0
+        self.anomaly_map_generator = AnomalyMapGenerator(border=map_border, margin=margin)
+
+    @property
+    def map_border(self) -> str:
+        return self.anomaly_map_generator.border
 
     def compute_maps(
         self,
@@ -75,19 +66,14 @@ class OfflineEfficientAdModel(EfficientAdModel):
         normalize: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Student-teacher and student-autoencoder maps at ``batch``'s size, normalised by the quantiles."""
-        if self.map_border == "zeros" or not self.pad_maps:
-            return super().compute_maps(batch, student_output, distance_st, normalize)
         image_size = batch.shape[-2:]
         with torch.no_grad():
             ae_output = self.ae(batch, image_size)
             grid_st = distance_st.mean(dim=1, keepdim=True)
             student_ae = student_output[:, self.teacher_out_channels :]
             grid_stae = (ae_output - student_ae).pow(2).mean(dim=1, keepdim=True)
-        margin = (PDN_MAP_MARGIN,) * 4
-        map_st, map_stae = (
-            F.interpolate(F.pad(grid, margin, mode="replicate"), size=image_size, mode="bilinear")
-            for grid in (grid_st, grid_stae)
-        )
+        map_st = self.anomaly_map_generator(grid_st, image_size)
+        map_stae = self.anomaly_map_generator(grid_stae, image_size)
         if normalize and self.is_set(self.quantiles):
             q = self.quantiles
             map_st = 0.1 * (map_st - q["qa_st"]) / (q["qb_st"] - q["qa_st"])
@@ -117,39 +103,6 @@ def build_model(
         load_teacher_weights(model.teacher, teacher)
     model.teacher.eval().requires_grad_(False)
     return model
-
-
-class PenaltyImages:
-    """Endless batch-1 stream of natural images from a local ``ImageFolder`` (anomalib's transforms)."""
-
-    def __init__(self, folder: str | Path, image_size: int, seed: int = 0) -> None:
-        if not Path(folder).is_dir():
-            raise FileNotFoundError(
-                f"penalty image folder {folder} not found (one sub-folder per class, as ImageNet)"
-            )
-        transform = Compose(
-            [
-                ToImage(),
-                Resize((image_size * 2, image_size * 2), antialias=True),
-                RandomGrayscale(p=0.3),
-                CenterCrop((image_size, image_size)),
-                ToDtype(torch.float32, scale=True),
-            ]
-        )
-        self.dataset = ImageFolder(str(folder), transform=transform)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.loader = DataLoader(self.dataset, batch_size=1, shuffle=True, generator=self.generator)
-        self._iterator: Iterator = iter(self.loader)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def next(self) -> torch.Tensor:
-        try:
-            return next(self._iterator)[0]
-        except StopIteration:
-            self._iterator = iter(self.loader)
-            return next(self._iterator)[0]
 
 
 @torch.no_grad()
@@ -184,23 +137,3 @@ def map_norm_quantiles(model: EfficientAdModel, images: list[torch.Tensor]) -> d
         "qa_ae": torch.quantile(ae, 0.9),
         "qb_ae": torch.quantile(ae, 0.995),
     }
-
-
-@torch.no_grad()
-def validation_loss(model: EfficientAdModel, images: list[torch.Tensor]) -> float:
-    """Early-stopping signal on held-out normals: mean ST + AE-teacher + ST-AE squared distances."""
-    was_training = model.training
-    model.eval()
-    c = model.teacher_out_channels
-    total = 0.0
-    for image in images:
-        teacher = model._normalize_teacher(model.teacher(image))
-        student = model.student(image)
-        ae = model.ae(image, image.shape[-2:])
-        total += float(
-            ((teacher - student[:, :c]) ** 2).mean()
-            + ((teacher - ae) ** 2).mean()
-            + ((ae - student[:, c:]) ** 2).mean()
-        )
-    model.train(was_training)
-    return total / max(len(images), 1)
