@@ -25,6 +25,7 @@ from defect_assist.core.settings import Settings
 from defect_assist.core.store import ModelStore
 from defect_assist.label_studio.regions import rle_to_mask
 from defect_assist.serving import create_app
+from defect_assist_tools.local_label_studio import DATASETS
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +124,7 @@ def test_predictions_stored_in_label_studio(
         assert [p["model_version"] for p in predictions] == [version]
         prediction = predictions[0]
         scores[label_studio_project.kind_of(task)].append(prediction["score"])
-        path = ROOT.parent / "shared" / "datasets" / task["data"]["image"].split("?d=", 1)[1]
+        path = DATASETS / task["data"]["image"].split("?d=", 1)[1]
         width, height = Image.open(path).size
         regions = {r["type"]: r for r in prediction["result"]}
         assert regions["choices"]["value"]["choices"][0] in ("normal", "anomalous")

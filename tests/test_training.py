@@ -75,6 +75,7 @@ def test_train_evaluate_calibrate_publish_full_then_incremental(
     from defect_assist.core.settings import Settings
     from defect_assist.core.store import ModelStore
     from defect_assist.similarity.index import SimilarityIndex
+    from defect_assist.training.image_cache import digest_of
     from defect_assist.training.pipeline import train_and_publish
 
     settings = Settings(
@@ -117,7 +118,13 @@ def test_train_evaluate_calibrate_publish_full_then_incremental(
     index.close()
     assert store.current("3").metadata["update"] == "incremental"
     assert store.current("3").metadata["n_train_images"] == 18
-    relabeled = train_and_publish("3", more[1:], [], settings=settings, mode="auto")  # a trained normal left
-    assert relabeled["mode"] == "full" and "changed" in relabeled["mode_reason"]
+    assert store.current("3").metadata["extra"]["check"]["n_check_defects"] == 3  # v0001's defects kept
+
+    relabeled = train_and_publish("3", [], [(more[0], None)], settings=settings)  # a trained normal → defect
+    assert relabeled["mode"] == "full" and "marked defective" in relabeled["mode_reason"]
+    assert relabeled["trained_on"] == 17 and relabeled["n_defects_excluded"] == 4
+    extra = store.version("3", relabeled["version"]).metadata["extra"]
+    assert digest_of(more[0]) in extra["defect_images"] and digest_of(more[0]) not in extra["training_images"]
+    assert len(extra["training_images"]) == 17  # the other earlier normals came back from MODEL_DIR/3/_images
     with pytest.raises(ValueError, match="no normal images"):
-        train_and_publish("3", [], anomalies, settings=settings)
+        train_and_publish("4", [], anomalies, settings=settings)

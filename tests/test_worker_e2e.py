@@ -45,7 +45,7 @@ def stack(tmp_path: Path, label_studio, monkeypatch: pytest.MonkeyPatch):
         "CACHE_DIR": str(tmp_path / "cache"),
         "DEVICE": "cpu",
         "MODEL_OPTIONS": json.dumps({"image_size": 64}),
-        "AUTO_RETRAIN_AFTER": "3",
+        "AUTO_RETRAIN_AFTER": "10",  # a first model needs at least 10 normals
         "AUTO_RETRAIN_DEBOUNCE": "1",
         "AUTO_RETRAIN_COOLDOWN": "0",
         "LABEL_STUDIO_URL": label_studio.url,
@@ -99,17 +99,15 @@ def test_normal_annotations_in_label_studio_retrain_and_serve_new_version(stack,
     )
     config = (ROOT / "backend" / "defect_assist" / "label_studio" / "labeling_config.xml").read_text()
     project = stack["ls"].create_project("worker-e2e", config)
-    names = [p.name for p in train_normals[:5]]
+    names = [p.name for p in train_normals[:12]]
     stack["ls"].import_local_files(
         project, train_normals[0].parent, regex="|".join(re.escape(n) for n in names)
     )
     ml = ls.post("/api/ml", json={"project": project, "url": stack["backend"], "title": "defect-assist"})
     assert ml.status_code in (200, 201), ml.text
     tasks = ls.get("/api/tasks", params={"project": project, "page_size": 50}).json()["tasks"]
-    assert len(tasks) == 5
-
-    assert len(tasks) == 5
-    for task in tasks[:3]:  # annotate as normal, as an annotator would
+    assert len(tasks) == 12
+    for task in tasks[:10]:  # annotate as normal, as an annotator would
         answer = ls.post(
             f"/api/tasks/{task['id']}/annotations",
             json={
@@ -134,7 +132,7 @@ def test_normal_annotations_in_label_studio_retrain_and_serve_new_version(stack,
         )
         raise AssertionError(logs) from None
     meta = store.current(str(project)).metadata
-    assert meta["n_train_images"] == 3 and meta["extra"]["source"] == "label-studio"
+    assert meta["n_train_images"] == 10 and meta["extra"]["source"] == "label-studio"
     assert "new normal annotations" in meta["extra"]["reason"]
     served = httpx.get(f"{stack['backend']}/versions", params={"project": project}, timeout=10).json()
     assert served["current"] == version

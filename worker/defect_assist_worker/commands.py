@@ -100,15 +100,19 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
         limit: Annotated[int, typer.Option(help="At most this many jobs.")] = 20,
     ) -> None:
-        """Retrain jobs: status, stage, %, ETA, version and failure reason."""
+        """Retrain jobs: status, stage, %, ETA, version (current or candidate) and reason."""
         from defect_assist_worker.status import list_jobs
 
         found = list_jobs(_connection(), project, limit)
         if as_json:
             out.print_json(json.dumps(found, default=str))
             return
-        table = Table("job", "project", "status", "stage", "%", "eta s", "mode", "version", "reason / error")
+        table = Table(
+            "job", "project", "status", "stage", "%", "eta s", "mode", "version", "current", "reason / error"
+        )
         for job in found:
+            current = {True: "yes", False: "candidate"}.get(job["current"], "")
+            reason = job["check_reason"] if job["current"] is False else job["reason"]
             table.add_row(
                 job["id"][:12],
                 str(job["project"]),
@@ -118,7 +122,8 @@ def register(app: typer.Typer) -> None:
                 "" if job["eta_s"] is None else f"{job['eta_s']:.0f}",
                 str(job["mode"] or ""),
                 str(job["version"] or ""),
-                str(job["error"] or job["reason"] or ""),
+                current,
+                str(job["error"] or reason or ""),
             )
         out.print(table)
 

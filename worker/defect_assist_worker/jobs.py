@@ -2,10 +2,12 @@
 
 Stages (each reported in ``job.meta`` as ``stage``, ``percent``, ``eta_s``): ``fetch`` and
 ``download`` (the project's annotations and images from Label Studio, see
-:mod:`defect_assist.training.label_studio_data`), ``train``, ``evaluate`` and ``publish``
-(:func:`defect_assist.training.pipeline.train_and_publish`). Label Studio being unreachable is
+:mod:`defect_assist.training.label_studio_data`), ``reference``, ``train``, ``evaluate``, ``check``
+and ``publish`` (:func:`defect_assist.training.pipeline.train_and_publish`). The result says whether
+the new version became ``current`` or is a candidate, and why. Label Studio being unreachable is
 transient (rq ``Retry`` with backoff); other errors fail the job at once with their reason kept in
-the failed registry.
+the failed registry; a refused retrain (too few normals) fails with its reason as ``error`` and
+``failure`` (``refused`` in the job's meta).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from defect_assist.label_studio.client import LabelStudioUnavailable
 from defect_assist.training.label_studio_data import TrainingSet, collect_label_studio
 from defect_assist.training.pipeline import train_and_publish
 from defect_assist.training.progress import TrainingProgress
+from defect_assist.training.training_set import TrainingRefused
 from defect_assist_worker.triggers import job_finished, job_started
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (LabelStudioUnavailable,)
@@ -111,9 +114,16 @@ def retrain(
             eta_s=0.0,
             version=result["version"],
             mode=result["mode"],
+            current=result["current"],
+            check_reason=result["check_reason"],
             finished_at=result["finished_at"],
         )
         return result
+    except TrainingRefused as error:
+        if job is not None:
+            job.retries_left = 0
+        progress.set(stage="refused", refused=True, error=str(error))
+        raise
     except TRANSIENT_ERRORS as error:
         transient = bool(job is not None and job.retries_left)
         progress.set(stage="waiting-retry" if transient else "failed", error=str(error))

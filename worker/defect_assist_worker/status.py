@@ -31,6 +31,8 @@ def describe_job(job: Job) -> dict[str, Any]:
         "eta_s": meta.get("eta_s"),
         "mode": meta.get("mode"),
         "version": meta.get("version"),
+        "current": meta.get("current"),  # False: the version is a candidate (check_reason says why)
+        "check_reason": meta.get("check_reason"),
         "error": meta.get("error"),
         "enqueued_at": job.enqueued_at.isoformat() if job.enqueued_at else None,
         "started_at": job.started_at.isoformat() if job.started_at else None,
@@ -41,6 +43,8 @@ def describe_job(job: Job) -> dict[str, Any]:
     if str(info["status"]) == "failed":
         result = job.latest_result()
         info["failure"] = (result.exc_string or "")[-2000:] if result is not None else None
+        if meta.get("refused"):  # a refused retrain: its reason, not a traceback
+            info["failure"] = meta.get("error")
     elif str(info["status"]) == "finished":
         info["result"] = job.return_value()
     return info

@@ -1,4 +1,4 @@
-"""Model-core commands: ``predict``, ``evaluate``, ``versions`` and ``rollback``."""
+"""Model-core commands: ``predict``, ``evaluate``, ``versions``, ``promote`` and ``rollback``."""
 
 from __future__ import annotations
 
@@ -96,34 +96,58 @@ def versions(
     model_dir: Annotated[Path | None, typer.Option(help="Model store root (default MODEL_DIR).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """List a project's model versions."""
+    """List a project's model versions: current, candidates (with why they are not current), previous."""
     from defect_assist.core.store import ModelStore
 
     found = ModelStore(model_dir or get_settings().model_dir).versions(project)
     if as_json:
         out.print_json(
-            json.dumps(
-                [
-                    {"version": v.version, "current": v.is_current, "path": str(v.path), **v.metadata}
-                    for v in found
-                ],
-                default=str,
-            )
+            json.dumps([{**v.summary(), "path": str(v.path), **v.metadata} for v in found], default=str)
         )
         return
-    table = Table("version", "current", "kind", "backbone", "images", "update", "created")
+    table = Table()
+    for column in ("version", "status"):
+        table.add_column(column, no_wrap=True)
+    for column in ("kind", "backbone", "images", "update", "created"):
+        table.add_column(column)
+    table.add_column("reason", overflow="fold")
     for info in found:
         meta = info.metadata
         table.add_row(
             info.version,
-            "*" if info.is_current else "",
+            info.status,
             info.kind,
             meta.get("backbone", ""),
             str(meta.get("n_train_images", "")),
             meta.get("update", ""),
             meta.get("created", ""),
+            info.candidate_reason or "",
         )
     out.print(table)
+
+
+def _store_command(action: str, project: str, version: str | None, model_dir: Path | None) -> None:
+    from defect_assist.core.store import ModelStore, StoreError
+
+    store = ModelStore(model_dir or get_settings().model_dir)
+    try:
+        if action == "promote":
+            info = store.promote(project, str(version))
+        else:
+            info = store.rollback(project, version)
+    except StoreError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(1) from None
+    out.print(f"current {info.project}/{info.version}")
+
+
+def promote(
+    project: Annotated[str, typer.Option("--project", help="Project id.")],
+    version: Annotated[str, typer.Option("--version", help="Candidate version to make current.")],
+    model_dir: Annotated[Path | None, typer.Option(help="Model store root (default MODEL_DIR).")] = None,
+) -> None:
+    """Make a candidate version (published, not made current by the retrain check) current."""
+    _store_command("promote", project, version, model_dir)
 
 
 def rollback(
@@ -131,14 +155,11 @@ def rollback(
     version: Annotated[str | None, typer.Option(help="Version to make current (default: previous).")] = None,
     model_dir: Annotated[Path | None, typer.Option(help="Model store root (default MODEL_DIR).")] = None,
 ) -> None:
-    """Make an earlier version current."""
-    from defect_assist.core.store import ModelStore
-
-    info = ModelStore(model_dir or get_settings().model_dir).rollback(project, version)
-    out.print(f"current {info.project}/{info.version}")
+    """Make an earlier version current (by default the last non-candidate one before the current)."""
+    _store_command("rollback", project, version, model_dir)
 
 
 def register(app: typer.Typer) -> None:
     """Add the model-core commands to the CLI."""
-    for command in (predict, evaluate, versions, rollback):
+    for command in (predict, evaluate, versions, promote, rollback):
         app.command()(command)

@@ -4,6 +4,13 @@ Publishing writes the model into a hidden temporary directory, fsyncs it, rename
 name (atomic on one filesystem) and only then replaces the ``CURRENT`` file (write temp + ``os.replace``).
 A crash at any point leaves either the old current version or the new one, never a half-written model;
 leftover temporary directories are ignored by readers and swept by the next publish.
+
+A version published without being made current is a **candidate**: its directory holds
+``candidate.json`` (why it was not made current), written before the rename so it appears with the
+version. :meth:`ModelStore.promote` makes a candidate current (``candidate.json`` becomes
+``promoted.json``). Every version is ``current``, ``candidate`` or ``previous`` (was current, or
+was published before the store knew candidates). ``<project>/_images/`` keeps the versions'
+training images (see ``defect_assist.training.image_archive``).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +33,19 @@ from defect_assist.core.models.metadata import METADATA_FILE, WEIGHTS_FILE
 from defect_assist.core.models.registry import load_model
 
 CURRENT_FILE = "CURRENT"
+CANDIDATE_FILE = "candidate.json"
+PROMOTED_FILE = "promoted.json"
+IMAGES_DIR = "_images"
 VERSION_PATTERN = re.compile(r"^v(\d{4,})-([a-z0-9_]+)$")
 _PROJECT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class StoreError(RuntimeError):
     """The store was asked for something it does not hold."""
+
+
+class VersionConflict(StoreError):
+    """The version exists but cannot do what was asked (promote a non-candidate, roll back to a candidate)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +57,30 @@ class VersionInfo:
     path: Path
     metadata: dict[str, Any]
     is_current: bool = False
+    candidate: dict[str, Any] | None = None  # candidate.json of a version never made current
+
+    @property
+    def status(self) -> str:
+        """``current``, ``candidate`` (published, never made current) or ``previous``."""
+        if self.is_current:
+            return "current"
+        return "candidate" if self.candidate is not None else "previous"
+
+    @property
+    def candidate_reason(self) -> str | None:
+        return None if self.candidate is None else str(self.candidate.get("reason", ""))
+
+    def summary(self) -> dict[str, Any]:
+        """What ``versions``, ``promote`` and the HTTP routes report about a version."""
+        return {
+            "project": self.project,
+            "version": self.version,
+            "status": self.status,
+            "current": self.is_current,
+            "candidate_reason": self.candidate_reason,
+            "n_train_images": self.metadata.get("n_train_images"),
+            "created": self.metadata.get("created"),
+        }
 
     @property
     def number(self) -> int:
@@ -111,9 +150,33 @@ class ModelStore:
             meta_file = path / METADATA_FILE
             if not (meta_file.exists() and (path / WEIGHTS_FILE).exists()):
                 continue
-            metadata = json.loads(meta_file.read_text())
-            found.append(VersionInfo(str(project), path.name, path, metadata, path.name == current))
+            found.append(self._info(project, path, path.name == current))
         return sorted(found, key=lambda v: v.number)
+
+    @staticmethod
+    def _info(project: str, path: Path, is_current: bool) -> VersionInfo:
+        metadata = json.loads((path / METADATA_FILE).read_text())
+        marker = path / CANDIDATE_FILE
+        try:
+            candidate = json.loads(marker.read_text())
+        except FileNotFoundError:
+            candidate = None
+        return VersionInfo(str(project), path.name, path, metadata, is_current, candidate)
+
+    def version(self, project: str, version: str) -> VersionInfo:
+        """One version of ``project`` (any status)."""
+        path = self.project_dir(project) / version
+        if not (VERSION_PATTERN.match(version) and (path / METADATA_FILE).exists()):
+            raise StoreError(f"project {project} has no version {version}")
+        return self._info(project, path, self.current_version(project) == version)
+
+    def candidates(self, project: str) -> list[VersionInfo]:
+        """Versions published but never made current, oldest first."""
+        return [v for v in self.versions(project) if v.status == "candidate"]
+
+    def images_dir(self, project: str) -> Path:
+        """Where the project's training images are kept, content-addressed (shared like the versions)."""
+        return self.project_dir(project) / IMAGES_DIR
 
     def current_version(self, project: str) -> str | None:
         """Name of the current version, or None before the first publish."""
@@ -128,8 +191,7 @@ class ModelStore:
         name = self.current_version(project)
         if name is None:
             return None
-        path = self.project_dir(project) / name
-        return VersionInfo(str(project), name, path, json.loads((path / METADATA_FILE).read_text()), True)
+        return self._info(project, self.project_dir(project) / name, True)
 
     def load(self, project: str, version: str | None = None, device: str = "auto") -> AnomalyModel:
         """Load ``version`` (default: current) of ``project``."""
@@ -142,13 +204,24 @@ class ModelStore:
         return load_model(path, device=device)
 
     # ------------------------------------------------------------------ writing
-    def publish(self, project: str, model: AnomalyModel, make_current: bool = True) -> VersionInfo:
-        """Save ``model`` as the next version of ``project``; atomically make it current."""
+    def publish(
+        self,
+        project: str,
+        model: AnomalyModel,
+        make_current: bool = True,
+        candidate_reason: str | None = None,
+    ) -> VersionInfo:
+        """Save ``model`` as the next version of ``project``; atomically make it current, or else keep it
+        as a candidate with ``candidate_reason``."""
         with self._lock(project):
             directory = self.project_dir(project)
             self._sweep_temporaries(directory)
             temporary = directory / f".tmp-{uuid.uuid4().hex}"
             model.save(temporary)
+            if not make_current:
+                reason = candidate_reason or "published without being made current"
+                marker = {"reason": reason, "created": _now()}
+                (temporary / CANDIDATE_FILE).write_text(json.dumps(marker, indent=2))
             _fsync_tree(temporary)
             numbers = [v.number for v in self.versions(project)]
             existing = [int(m.group(1)) for p in directory.iterdir() if (m := VERSION_PATTERN.match(p.name))]
@@ -159,32 +232,48 @@ class ModelStore:
             _fsync_dir(directory)
             if make_current:
                 self._write_pointer(directory, name)
-        info = self.current(project) if make_current else None
-        if info is None or info.version != name:
-            metadata = json.loads((final / METADATA_FILE).read_text())
-            info = VersionInfo(str(project), name, final, metadata, False)
-        return info
+        return self._info(project, final, self.current_version(project) == name)
 
-    def set_current(self, project: str, version: str) -> VersionInfo:
-        """Point ``current`` at an existing version (rollback or roll forward)."""
+    def set_current(self, project: str, version: str, note: str = "set current") -> VersionInfo:
+        """Point ``current`` at an existing version (rollback, roll forward or promote a candidate)."""
         with self._lock(project):
             directory = self.project_dir(project)
-            if not (directory / version / METADATA_FILE).exists():
+            if not (VERSION_PATTERN.match(version) and (directory / version / METADATA_FILE).exists()):
                 raise StoreError(f"project {project} has no version {version}")
             self._write_pointer(directory, version)
+            marker = directory / version / CANDIDATE_FILE
+            if marker.exists():  # no longer a candidate: keep why it was one, and when it was promoted
+                promoted = json.loads(marker.read_text()) | {"promoted": _now(), "note": note}
+                temporary = directory / version / f".{PROMOTED_FILE}.{uuid.uuid4().hex}"
+                temporary.write_text(json.dumps(promoted, indent=2))
+                os.replace(temporary, directory / version / PROMOTED_FILE)
+                marker.unlink()
+                _fsync_dir(directory / version)
         info = self.current(project)
         assert info is not None
         return info
 
+    def promote(self, project: str, version: str) -> VersionInfo:
+        """Make the candidate ``version`` current (``rollback`` is for earlier versions)."""
+        info = self.version(project, version)
+        if info.status != "candidate":
+            raise VersionConflict(f"project {project}: {version} is {info.status}, not a candidate")
+        return self.set_current(project, version, note="promoted")
+
     def rollback(self, project: str, version: str | None = None) -> VersionInfo:
-        """Make ``version`` current, or by default the version published before the current one."""
+        """Make ``version`` current, or by default the last non-candidate version before the current one."""
         if version is None:
-            names = [v.version for v in self.versions(project)]
+            found = self.versions(project)
+            names = [v.version for v in found]
             current = self.current_version(project)
-            if current not in names or names.index(current) == 0:
-                raise StoreError(f"project {project} has no earlier version to roll back to")
-            version = names[names.index(current) - 1]
-        return self.set_current(project, version)
+            before = found[: names.index(current)] if current in names else []
+            earlier = [v.version for v in before if v.status != "candidate"]
+            if not earlier:
+                raise VersionConflict(f"project {project} has no earlier version to roll back to")
+            version = earlier[-1]
+        elif self.version(project, version).status == "candidate":
+            raise VersionConflict(f"project {project}: {version} is a candidate: promote it instead")
+        return self.set_current(project, version, note="rollback")
 
     @staticmethod
     def _write_pointer(directory: Path, name: str) -> None:
@@ -200,3 +289,7 @@ class ModelStore:
     def _sweep_temporaries(directory: Path) -> None:
         for path in directory.glob(".tmp-*"):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

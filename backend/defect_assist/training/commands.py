@@ -38,8 +38,12 @@ def train(
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda …")] = "auto",
     model_dir: Annotated[Path | None, typer.Option(help="Model store root (default MODEL_DIR).")] = None,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Forget the current version's normals: train on these only.")
+    ] = False,
 ) -> None:
-    """Train on normal images (a full fit) and publish a new version into MODEL_DIR/<project>/."""
+    """Train on normal images (a full fit, with the current version's normals unless --fresh) and publish
+    a new version into MODEL_DIR/<project>/: current if not worse than the current one, else a candidate."""
     settings = get_settings()
     if model_dir is not None:
         settings = settings.model_copy(update={"model_dir": model_dir})
@@ -47,22 +51,37 @@ def train(
     if not files:
         raise typer.BadParameter(f"no images in {images}")
     from defect_assist.training.pipeline import train_and_publish  # torch: loaded when training
+    from defect_assist.training.training_set import TrainingRefused
 
     options: dict[str, Any] = parse_options(option)
     with RichProgress() as bars:
-        result = train_and_publish(
-            project,
-            files,
-            settings=settings,
-            kind=model,
-            mode="full",
-            options=options,
-            device=device,
-            progress=ConsoleProgress(bars),
-            extra={"source": "cli", "reason": "defect-assist train"},
+        try:
+            result = train_and_publish(
+                project,
+                files,
+                settings=settings,
+                kind=model,
+                mode="full",
+                options=options,
+                device=device,
+                progress=ConsoleProgress(bars),
+                extra={"source": "cli", "reason": "defect-assist train"},
+                keep_previous=not fresh,
+            )
+        except TrainingRefused as error:
+            console.print(f"[red]{error}[/red]")
+            raise typer.Exit(1) from None
+    console.print(
+        f"trained {model} on {result['trained_on']} images ({result['n_previous']} kept from the current "
+        f"version, {result['n_check_normals']} held out to check versions) in {result['train_seconds']:.1f}s"
+    )
+    if result["current"]:
+        out.print(f"published {project}/{result['version']}")
+    else:
+        out.print(f"published {project}/{result['version']} as a candidate: {result['check_reason']}")
+        console.print(
+            f"make it current with: defect-assist promote --project {project} --version {result['version']}"
         )
-    console.print(f"trained {model} on {result['trained_on']} images in {result['train_seconds']:.1f}s")
-    out.print(f"published {project}/{result['version']}")
 
 
 def register(app: typer.Typer) -> None:

@@ -2,28 +2,34 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from defect_assist.core.models.registry import model_class
-from defect_assist.training.image_cache import digest_of
+from defect_assist.training.training_set import TrainingPlan
 
 
 def choose_mode(
-    requested: str, current: Any, kind: str, normals: list[Path], max_fraction: float
-) -> tuple[str, list[Path], str]:
-    """``(mode, images_to_train_on, why)``: incremental only when it is equivalent to adding images."""
-    if requested == "full" or current is None:
-        return "full", normals, "requested" if requested == "full" else "no current version"
+    requested: str, current: Any, kind: str, plan: TrainingPlan, max_fraction: float
+) -> tuple[str, str]:
+    """``(mode, why)``: incremental only when it is equivalent to adding images to the current version's
+    training set (nothing it trained on is left out: a normal relabelled defective forces a full fit)."""
+    if current is None:
+        return "full", "no current version"
+    if requested == "full":
+        return "full", "requested"
     if current.kind != kind or not model_class(kind).supports_incremental:
-        return "full", normals, f"{current.kind} → {kind} or no incremental support"
-    trained = set(current.metadata.get("extra", {}).get("training_images", []))
-    digests = {digest_of(p): p for p in normals}
-    if not trained or not trained <= set(digests):
-        return "full", normals, "earlier training images changed or were relabeled"
-    new = [p for d, p in digests.items() if d not in trained]
+        return "full", f"{current.kind} → {kind} or no incremental support"
+    trained = plan.previous.trained
+    if not trained:
+        return "full", f"{current.version} records no training images"
+    dropped = trained - set(plan.training)
+    if dropped and dropped <= set(plan.defects):
+        return "full", f"{len(dropped)} earlier training normals were marked defective: a fit without them"
+    if dropped:
+        return "full", f"{len(dropped)} earlier training images left out"
+    new = set(plan.training) - trained
     if not new:
-        return "full", normals, "no new normals"
+        return "full", "no new normals"
     if requested == "auto" and len(new) > max_fraction * len(trained):
-        return "full", normals, f"{len(new)} new vs {len(trained)} trained exceeds the incremental share"
-    return "incremental", new, f"{len(new)} new normals"
+        return "full", f"{len(new)} new vs {len(trained)} trained exceeds the incremental share"
+    return "incremental", f"{len(new)} new normals"

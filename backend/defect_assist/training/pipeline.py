@@ -1,8 +1,11 @@
-"""The one train-and-publish path: train (full or incremental), check on labels, calibrate, publish.
+"""The one train-and-publish path: train (full or incremental), check on labels, calibrate, compare, publish.
 
 The CLI's ``train``, the retrain worker's job and the FiftyOne plugin all call
-:func:`train_and_publish`; every version it publishes records the digests of its training images,
-so the next retrain can tell whether adding images (incremental) is equivalent to a full fit.
+:func:`train_and_publish`. A retrain never forgets: it trains on the current version's normals plus
+the new ones, minus the images marked defective (:mod:`defect_assist.training.training_set`), read
+back from the images every version keeps (:mod:`defect_assist.training.image_archive`); the new
+version becomes current only when it is not worse than the current one on the check set
+(:mod:`defect_assist.training.version_check`), else it is published as a candidate.
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ import numpy as np
 from defect_assist.core.models.registry import create_model
 from defect_assist.core.settings import Settings, resolve_device
 from defect_assist.core.store import ModelStore
+from defect_assist.training.image_archive import ImageArchive
 from defect_assist.training.image_cache import digest_of
 from defect_assist.training.labeled_calibration import evaluate_and_calibrate
 from defect_assist.training.mode import choose_mode
 from defect_assist.training.progress import TrainingProgress
+from defect_assist.training.training_set import Previous, plan_training_set, require_minimum
+from defect_assist.training.version_check import CHECK_LIMIT, CheckResult, VersionScores, decide, image_scores
 
 logger = logging.getLogger(__name__)
 
@@ -42,34 +48,70 @@ def train_and_publish(
     device: str | None = None,
     progress: TrainingProgress | None = None,
     extra: dict[str, Any] | None = None,
+    keep_previous: bool = True,
 ) -> dict[str, Any]:
-    """Train (full or incremental), evaluate, calibrate and publish one new version of ``project``.
+    """Train (full or incremental), evaluate, calibrate, compare and publish one new version of ``project``.
 
-    ``kind`` defaults to the current version's kind (``MODEL_KIND`` for a first model or a full
-    retrain); a full fit keeps the current version's options when the kind is the same, with
-    ``options`` on top.
+    ``normals`` are the new normal images: the current version's are added to them (unless
+    ``keep_previous`` is false), ``anomalies`` are never trained on. ``kind`` defaults to the current
+    version's kind (``MODEL_KIND`` for a first model or a full retrain); a full fit keeps the current
+    version's options when the kind is the same, with ``options`` on top. Raises
+    :class:`~defect_assist.training.training_set.TrainingRefused` below the minimum of normals.
     """
     progress = progress or TrainingProgress()
-    normals = [Path(p) for p in normals]
     anomalies = list(anomalies)
-    if not normals:
-        raise ValueError(f"project {project}: no normal images annotated yet")
     store = ModelStore(settings.model_dir)
     current = store.current(project)
+    given = {digest_of(Path(p)): Path(p) for p in normals}
+    marked = {digest_of(Path(p)): Path(p) for p, _ in anomalies}
+    previous = Previous.of(current.version, current.metadata) if current else Previous()
+    plan = plan_training_set(previous, given, marked, keep_previous)
+    require_minimum(project, plan, len(plan.training))  # before anything slow; again once images are found
     kind = kind or (current.kind if current and mode != "full" else settings.model_kind)
     device = resolve_device(device or settings.device)
-    chosen, to_train, why = choose_mode(mode, current, kind, normals, settings.incremental_max_fraction)
+    chosen, why = choose_mode(mode, current, kind, plan, settings.incremental_max_fraction)
+    archive = ImageArchive(store.images_dir(project), [Path(settings.cache_dir) / "images"])
+    known = given | marked
+    if chosen == "incremental":  # the earlier images are in the model already (kept here if found)
+        paths = archive.resolve([d for d in plan.training if d not in previous.trained], known)
+        paths |= archive.resolve(archive.not_kept(previous.trained), known)
+        trained = list(plan.training)
+    else:
+        paths = archive.resolve(plan.training, known)
+        trained = [d for d in plan.training if d in paths]
+    missing = len(plan.training) - len(trained)
+    if missing:
+        why += f"; {missing} earlier training images no longer found"
+    require_minimum(project, plan, len(trained))
+    n_previous = len(previous.trained.intersection(trained))
     progress.set(
-        mode=chosen, mode_reason=why, n_normals=len(normals), n_anomalies=len(anomalies), device=device
+        mode=chosen,
+        mode_reason=why,
+        n_normals=len(given),
+        n_previous=n_previous,
+        n_anomalies=len(anomalies),
+        n_check_normals=len(plan.check),
+        device=device,
     )
+    compare = _sample(archive.resolve(plan.compare[:CHECK_LIMIT], known))
+    defects = _sample(archive.resolve(plan.defects[:CHECK_LIMIT], known))
+    new = [given[d] for d in plan.new[:CHECK_LIMIT]]
+    current_model, reference, new_by_current = None, None, None
+    if current is not None:
+        current_model, reference, new_by_current = _reference(
+            store, current, device, chosen, compare, defects, new, progress
+        )
     started = time.perf_counter()
     held_out: list[Path] = []
     if chosen == "incremental":
-        assert current is not None
-        model = store.load(project, current.version, device=device)
-        model.update(to_train, progress=progress)
-        details: dict[str, Any] = {"added_images": len(to_train), "base_version": current.version}
+        assert current is not None and current_model is not None
+        model = current_model
+        to_train = [paths[d] for d in plan.training if d not in previous.trained]
+        update = model.update(to_train, progress=progress)
+        details: dict[str, Any] = {"added_images": len(to_train), **update}
     else:
+        current_model = None  # free it before the fit
+        to_train = [paths[d] for d in trained]
         config = dict(current.metadata.get("config", {})) if current and current.kind == kind else {}
         model = create_model(kind, device=device, **(config | (options or {})))
         train = list(to_train)
@@ -81,33 +123,103 @@ def train_and_publish(
         details = {}
     train_seconds = time.perf_counter() - started
     metrics = _check_on_labels(model, held_out, anomalies, progress)
+    check = _compare(model, current, reference, new_by_current, compare, defects, progress)
+    referenced = {*trained, *plan.check, *plan.defects}  # what a later retrain may need back
+    kept = archive.keep({d: p for d, p in (paths | known).items() if d in referenced})
     assert model.metadata is not None
     model.metadata.update = chosen
     model.metadata.metrics |= metrics
     model.metadata.extra |= {
-        "training_images": sorted(digest_of(p) for p in normals),
+        "training_images": trained,
+        "check_images": list(plan.check),
+        "defect_images": list(plan.defects),
+        "base_version": current.version if current else None,
         "mode_reason": why,
         "train_seconds": round(train_seconds, 2),
+        "check": {"current": check.make_current, "reason": check.reason, **check.metrics},
         **details,
         **(extra or {}),
     }
     progress("publish", 0, 1)
-    info = store.publish(project, model)
+    info = store.publish(project, model, make_current=check.make_current, candidate_reason=check.reason)
     progress("publish", 1, 1)
     return {
         "project": project,
         "version": info.version,
+        "current": info.is_current,
+        "status": info.status,
+        "check_reason": check.reason,
+        "check": check.metrics,
         "kind": kind,
         "mode": chosen,
         "mode_reason": why,
         "device": device,
-        "n_normals": len(normals),
+        "n_normals": len(given),
+        "n_previous": n_previous,
+        "n_new": len(plan.new),
         "n_anomalies": len(anomalies),
+        "n_check_normals": len(plan.check),
+        "n_defects_excluded": len(plan.defects),
+        "relabeled_defective": len(plan.removed),
+        "missing_previous": missing,
+        "kept_images": kept,
         "trained_on": len(to_train),
+        "n_train_images": model.metadata.n_train_images,
         "train_seconds": round(train_seconds, 2),
         "metrics": metrics,
-        "similarity_stale_points": mark_similarity_index_stale(project, info.version, settings),
+        "similarity_stale_points": mark_similarity_index_stale(project, info.version, settings)
+        if info.is_current
+        else None,
     }
+
+
+def _sample(found: dict[str, Path]) -> list[Path]:
+    return [found[d] for d in sorted(found)]
+
+
+def _reference(
+    store: ModelStore,
+    current: Any,
+    device: str,
+    chosen: str,
+    compare: list[Path],
+    defects: list[Path],
+    new: list[Path],
+    progress: TrainingProgress,
+) -> tuple[Any, VersionScores | None, np.ndarray | None]:
+    """The current model and its scores on the check set and on the new normals, before any training."""
+    try:
+        model = store.load(current.project, current.version, device=device)
+    except Exception as error:
+        if chosen == "incremental":
+            raise
+        logger.warning("current version %s not loadable, not compared: %s", current.version, error)
+        return None, None, None
+    progress("reference", 0, 1)
+    scores = VersionScores(image_scores(model, compare), image_scores(model, defects))
+    new_by_current = image_scores(model, new)
+    progress("reference", 1, 1)
+    return model, scores, new_by_current
+
+
+def _compare(
+    model: Any,
+    current: Any,
+    reference: VersionScores | None,
+    new_by_current: np.ndarray | None,
+    compare: list[Path],
+    defects: list[Path],
+    progress: TrainingProgress,
+) -> CheckResult:
+    """Score the new model on the same check set and decide whether it becomes current."""
+    if current is None:
+        return decide(VersionScores(), None)
+    if reference is None:
+        return CheckResult(True, f"{current.version} could not be loaded: made current without a comparison")
+    progress("check", 0, 1)
+    scores = VersionScores(image_scores(model, compare), image_scores(model, defects))
+    progress("check", 1, 1)
+    return decide(scores, reference, new_by_current, current.version)
 
 
 def _check_on_labels(
