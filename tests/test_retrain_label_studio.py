@@ -12,26 +12,14 @@ call the good test tiles of the project normal.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
-from worker_support import ROOT, WorkerProcess, wait_for
-
-from defect_assist_tools.local_label_studio import free_port
+from worker_support import ROOT, backend_and_worker, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code < 500
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.fixture
@@ -42,7 +30,6 @@ def stack(tmp_path: Path, label_studio, monkeypatch: pytest.MonkeyPatch):
 
     server = RedisServer(tmp_path / "redis")
     redis_url = server.start(detach=False)
-    backend_url = f"http://127.0.0.1:{free_port()}"
     env = {
         "REDIS_URL": redis_url,
         "MODEL_DIR": str(tmp_path / "models"),
@@ -59,27 +46,10 @@ def stack(tmp_path: Path, label_studio, monkeypatch: pytest.MonkeyPatch):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     get_settings.cache_clear()
-    port = backend_url.rsplit(":", 1)[1]
-    with open(tmp_path / "backend.log", "wb") as log:
-        backend = subprocess.Popen(
-            ["nice", "-n", "10", sys.executable, "-m", "defect_assist_tools.cli", "serve", "--port", port],
-            env=dict(os.environ),
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    worker = WorkerProcess(dict(os.environ), tmp_path / "worker.log", "issue-14").start()
     try:
-        wait_for(lambda: _up(f"{backend_url}/health"), 180, 1, "backend")
-        yield {"ls": label_studio, "backend": backend_url, "tmp": tmp_path, "redis": redis_url}
+        with backend_and_worker(tmp_path, "issue-14") as backend_url:
+            yield {"ls": label_studio, "backend": backend_url, "tmp": tmp_path, "redis": redis_url}
     finally:
-        worker.stop()
-        backend.terminate()
-        try:
-            backend.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(backend.pid, 9)
         server.stop()
         get_settings.cache_clear()
 

@@ -7,7 +7,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +72,45 @@ class WorkerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
+
+
+def http_up(url: str) -> bool:
+    """Whether ``url`` answers below 500."""
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=2).status_code < 500
+    except httpx.HTTPError:
+        return False
+
+
+@contextmanager
+def backend_and_worker(log_dir: Path, worker_name: str) -> Iterator[str]:
+    """``defect-assist serve`` and one worker process with this process's environment; yields the URL."""
+    from defect_assist_tools.local_label_studio import free_port
+
+    port = str(free_port())
+    with open(log_dir / "backend.log", "wb") as log:
+        backend = subprocess.Popen(
+            [
+                *("nice", "-n", "10", sys.executable, "-m", "defect_assist_tools.cli", "serve"),
+                *("--host", "127.0.0.1", "--port", port),
+            ],
+            env=dict(os.environ),
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    worker = WorkerProcess(dict(os.environ), log_dir / "worker.log", worker_name).start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: http_up(f"{url}/health"), 180, 1, "backend")
+        yield url
+    finally:
+        worker.stop()
+        backend.terminate()
+        try:
+            backend.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(backend.pid, signal.SIGKILL)
