@@ -158,6 +158,16 @@ def test_webhook_answers_fast_and_hands_off(tmp_path: Path) -> None:
             time.sleep(0.05)
         assert handled[0]["action"] == "START_TRAINING"
         assert client.get("/webhook/stats").json() == {"counts": {"START_TRAINING:5": 1}, "handed_off": 1}
+        assert "job" not in answer.json()  # a handler slower than Label Studio's timeout: no job id
+
+
+def test_start_training_answer_carries_the_job_id(tmp_path: Path) -> None:
+    def handler(payload: dict) -> dict:
+        return {"status": "queued", "job_id": f"job-of-{payload['project']['id']}"}
+
+    with TestClient(create_app(_settings(tmp_path), webhook_handler=handler)) as client:
+        answer = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 5}}).json()
+        assert (answer["job"], answer["job_status"], answer["progress"]) == ("job-of-5", "queued", None)
 
 
 def test_webhook_without_worker_counts_events(tmp_path: Path) -> None:

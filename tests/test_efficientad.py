@@ -306,7 +306,8 @@ def test_embed_fills_both_parts(tiny_model, tiny_tile: Path) -> None:
 def test_similarity_index_finds_the_indexed_image(tiny_model, tiny_tile: Path, tmp_path: Path) -> None:
     """An EfficientAd model indexes a folder in embedded Qdrant; an indexed image is its own nearest."""
     from defect_assist.similarity.embedding import SimilarityEmbedder
-    from defect_assist.similarity.index import SimilarityIndex, query_similar, update_index
+    from defect_assist.similarity.index import SimilarityIndex
+    from defect_assist.similarity.indexing import query_similar, update_index
     from defect_assist.similarity.mvtec import walk_folder
 
     records = walk_folder(tiny_tile)

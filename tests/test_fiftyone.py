@@ -1,12 +1,15 @@
 """FiftyOne exploration with the real bundled MongoDB, real Qdrant local storage and the plugin.
 
-Builds a dataset (masks, heatmaps, verdicts, embeddings, 2-D plot, Qdrant similarity index), runs
-the plugin's operators programmatically (immediate and delegated), and screenshots the App with
-headless Chromium (saved to artifacts/; docs/images/ holds a reviewed copy).
+Builds a dataset (masks, heatmaps, verdicts, embeddings, 2-D plot, similarity on the project's
+index), runs the plugin's operators programmatically (immediate and delegated), and screenshots the
+App with headless Chromium (saved to artifacts/; docs/images/ holds a reviewed copy). The integration
+test checks the one similarity index: `similar` and `index` after `fiftyone`, with nothing embedded
+twice.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -16,8 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
 _FO_DIR = Path(tempfile.mkdtemp(prefix="fo-test-"))
@@ -30,16 +31,22 @@ fo = pytest.importorskip("fiftyone")
 import fiftyone.operators as foo  # noqa: E402
 from browser import headless_browser  # noqa: E402
 from qdrant_client import QdrantClient  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
 
 from defect_assist.core.models.registry import create_model  # noqa: E402
 from defect_assist.core.settings import get_settings  # noqa: E402
 from defect_assist.core.store import ModelStore  # noqa: E402
-from defect_assist.explore.fiftyone_dataset import SIMILARITY_KEY, VISUALIZATION_KEY, build_dataset  # noqa: E402
+from defect_assist.explore.fiftyone_dataset import (  # noqa: E402
+    HASH_FIELD,
+    SIMILARITY_KEY,
+    VISUALIZATION_KEY,
+    build_dataset,
+)
 from defect_assist.explore.qdrant_backend import QdrantLocalSimilarityIndex  # noqa: E402
 from defect_assist.explore.review_tasks import build_tasks  # noqa: E402
-from defect_assist.similarity.embedding import SimilarityEmbedder  # noqa: E402
-from defect_assist.similarity.index import SimilarityIndex, update_index  # noqa: E402
+from defect_assist.similarity.index import SimilarityIndex  # noqa: E402
 from defect_assist.similarity.mvtec import walk_folder  # noqa: E402
+from defect_assist_tools.cli import app as cli  # noqa: E402
 from defect_assist_tools.local_label_studio import free_port  # noqa: E402
 
 PROJECT = "fo"
@@ -95,13 +102,14 @@ def dataset(env):
         name="defect-assist-test",
         model_version=version,
         project=PROJECT,
-        qdrant_path=env["work"] / "qdrant" / "fiftyone",
+        qdrant_path=env["work"] / "qdrant",  # QDRANT_PATH: the project's index
         persistent=False,
     )
     yield ds
     ds.delete()
 
 
+@pytest.mark.e2e
 def test_dataset_has_labels_heatmaps_embeddings_and_brain_runs(dataset, env) -> None:
     assert len(dataset) == 10 + 3 + 4
     anomalous = dataset.match({"ground_truth.label": "anomalous"})
@@ -135,6 +143,7 @@ def test_dataset_has_labels_heatmaps_embeddings_and_brain_runs(dataset, env) -> 
     assert dataset.info["defect_assist"]["visualization"] in {"umap", "pca"}
 
 
+@pytest.mark.e2e
 def test_app_similarity_sort_uses_qdrant_with_current_client(dataset, env) -> None:
     # fiftyone-brain's own qdrant backend calls QdrantClient.search, which this client no longer has
     assert not hasattr(QdrantClient, "search")
@@ -147,22 +156,25 @@ def test_app_similarity_sort_uses_qdrant_with_current_client(dataset, env) -> No
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     expected = np.argsort(-(unit @ unit[dataset.values("id").index(query.id)]))[:5]
     assert view.values("id") == [dataset.values("id")[i] for i in expected]
-    client = QdrantClient(path=str(env["work"] / "qdrant" / "fiftyone"))  # the storage the index wrote
+    # the brain run is a view of the project's one index (QDRANT_PATH), not a collection of its own
+    assert index.config.collection_name == SimilarityIndex(PROJECT, path=env["work"] / "qdrant").collection
+    client = QdrantClient(path=str(env["work"] / "qdrant"))  # nothing holds the storage between operations
     try:
+        assert [c.name for c in client.get_collections().collections] == [index.config.collection_name]
         assert client.count(index.config.collection_name).count == len(dataset)
     finally:
         client.close()
 
 
+@pytest.mark.e2e
 def test_plugin_operators(dataset, env) -> None:
     uris = {op.uri for op in foo.list_operators()}
     for name in ("find_similar", "compute_predictions", "send_to_label_studio", "trigger_retrain"):
         assert f"{PLUGIN}/{name}" in uris
     store: ModelStore = env["store"]
     version = store.current_version(PROJECT)
-    with SimilarityIndex(PROJECT, path=env["work"] / "qdrant") as index:
-        update_index(index, SimilarityEmbedder(env["model"], version), walk_folder(env["root"]), version)
 
+    # no `defect-assist index` first: building the dataset filled the project's index
     query = dataset.match({"defect_type": "break"}).first()
     result = foo.execute_operator(
         f"{PLUGIN}/find_similar",
@@ -201,6 +213,7 @@ def test_plugin_operators(dataset, env) -> None:
         assert index.mark_stale(store.current_version(PROJECT)) == len(dataset)  # new version → all stale
 
 
+@pytest.mark.e2e
 def test_label_studio_tasks_carry_predictions(dataset) -> None:
     from label_studio_sdk.converter.brush import decode_rle
 
@@ -225,6 +238,72 @@ def test_label_studio_tasks_carry_predictions(dataset) -> None:
             assert np.array_equal(decoded, mask)
 
 
+@pytest.mark.integration
+def test_one_similarity_index_for_fiftyone_and_the_cli(env, tmp_path: Path, monkeypatch) -> None:
+    """`similar` right after building the dataset finds its images (no `index` pass); neither `index`
+    nor a rebuild embeds anything again; the App's similarity sort reads the same collection."""
+    project, qdrant = "shared", tmp_path / "qdrant"
+    store: ModelStore = env["store"]
+    store.publish(project, env["model"])
+    version = store.current_version(project)
+    model = store.load(project, version, device="cpu")
+    embedded: list[str] = []
+    embed_images = model.embed_images
+
+    def counting(images, batch_size=8):
+        embedded.extend(str(i) for i in images)
+        return embed_images(images, batch_size=batch_size)
+
+    monkeypatch.setattr(model, "embed_images", counting)
+    n = len(walk_folder(env["root"]))
+    build = dict(name="defect-assist-shared", model_version=version, project=project, persistent=False)
+    dataset = build_dataset(env["root"], model, qdrant_path=qdrant, **build)
+    try:
+        first = dataset.info["defect_assist"]["index"]
+        assert (first["added"], first["total_points"], len(embedded)) == (n, n, n)
+
+        common = ["--project", project, "--model-dir", str(store.root), "--qdrant-path", str(qdrant)]
+        common += ["--device", "cpu"]
+        runner = CliRunner()
+        query = dataset.match({"defect_type": "fray"}).first()
+        result = runner.invoke(
+            cli, ["similar", query.filepath, "--k", "3", "--json", *common], catch_exceptions=False
+        )
+        assert result.exit_code == 0, result.output  # not "the index is empty"
+        hits = [h["path"] for h in json.loads(result.stdout)["neighbours"]]
+        assert len(hits) == 3 and set(hits) <= set(dataset.values("filepath")) and query.filepath not in hits
+
+        result = runner.invoke(cli, ["index", "--data", str(env["root"]), *common], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert (report["added"], report["reembedded"], report["unchanged"], report["total_points"]) == (
+            0,
+            0,
+            n,
+            n,
+        )
+
+        embedded.clear()  # the second pass: every image is in the index already
+        dataset = build_dataset(env["root"], model, qdrant_path=qdrant, **build)
+        second = dataset.info["defect_assist"]["index"]
+        assert (second["added"], second["reembedded"], second["unchanged"], embedded) == (0, 0, n, [])
+        assert len(dataset.exists("anomaly_map")) == n  # the heatmaps were still predicted
+
+        with SimilarityIndex(project, path=qdrant) as index:
+            assert index.count() == n  # replacing the brain run left the shared index alone
+            stored = index.vectors(dataset.values(HASH_FIELD))
+        for sample in dataset:
+            assert np.allclose(sample["embedding"], stored[sample[HASH_FIELD]][0])
+        results = dataset.load_brain_results(SIMILARITY_KEY)
+        assert results.config.collection_name == index.collection and results.total_index_size == n
+        query = dataset.match({"defect_type": "fray"}).first()
+        view = dataset.sort_by_similarity(query.id, k=4, brain_key=SIMILARITY_KEY)
+        assert view.first().id == query.id and len(view) == 4
+        assert view.values("filepath")[1:] == hits  # the same neighbours as `defect-assist similar`
+    finally:
+        dataset.delete()
+
+
 def _screenshot(url: str, out: Path) -> None:
     """Open the App in headless Chromium (driven by Playwright), wait for the grid, save a PNG."""
     with headless_browser() as browser:
@@ -239,6 +318,7 @@ def _screenshot(url: str, out: Path) -> None:
         page.screenshot(path=str(out))
 
 
+@pytest.mark.e2e
 def test_app_screenshot_with_heatmaps(dataset) -> None:
     if not (shutil.which("chromium") or shutil.which("chromium-browser")):
         pytest.skip("Debian chromium not installed (apt-get install -y chromium)")

@@ -37,9 +37,10 @@ def test_project_id_mapping() -> None:
 def test_recommended_config_fills_brush_choices_polygon() -> None:
     spec = ControlSpec.from_config(CONFIG)
     assert (spec.image, spec.image_key) == ("image", "image")
-    assert (spec.brush, spec.brush_label) == ("defect_mask", "defect")
+    assert (spec.brush, spec.brush_label) == ("defect_mask", "defect mask")
     assert (spec.choices, spec.normal_choice, spec.anomalous_choice) == ("verdict", "normal", "anomalous")
-    assert spec.polygon == "defect_outline" and spec.rectangle is None
+    assert (spec.polygon, spec.polygon_label) == ("defect_outline", "defect outline")
+    assert spec.rectangle is None
     assert spec.warnings == []
 
 
@@ -96,12 +97,9 @@ def test_regions_round_trip_the_mask() -> None:
     mask[10:30, 20:50] = True
     mask[45:55, 70:80] = True
     assert np.array_equal(rle_to_mask(mask_to_rle(mask), 60, 90), mask)
-    spec = ControlSpec.from_config(
-        CONFIG.replace(
-            "</View>",
-            "<RectangleLabels name='box' toName='image'><Label value='defect'/></RectangleLabels></View>",
-        )
-    )
+    rectangle = "<RectangleLabels name='box' toName='image'><Label value='defect'/></RectangleLabels>"
+    outer_end = CONFIG.rindex("</View>")  # the config nests Views: add the tag once, in the outer one
+    spec = ControlSpec.from_config(CONFIG[:outer_end] + rectangle + CONFIG[outer_end:])
     regions = prediction_regions(_prediction(mask, 0.9), spec)
     by_type: dict[str, list[dict]] = {}
     for region in regions:
@@ -109,12 +107,13 @@ def test_regions_round_trip_the_mask() -> None:
     assert by_type["choices"][0]["value"] == {"choices": ["anomalous"]}
     brush = by_type["brushlabels"][0]
     assert (brush["original_width"], brush["original_height"]) == (90, 60)
-    assert brush["value"]["brushlabels"] == ["defect"]
+    assert brush["value"]["brushlabels"] == ["defect mask"]
     assert np.array_equal(rle_to_mask(brush["value"]["rle"], 60, 90), mask)
     assert len(by_type["polygonlabels"]) == 2 and len(by_type["rectanglelabels"]) == 2
     for polygon in by_type["polygonlabels"]:
         points = np.array(polygon["value"]["points"])
         assert points.shape[1] == 2 and points.min() >= 0 and points.max() <= 100
+        assert polygon["value"]["polygonlabels"] == ["defect outline"]
     boxes = sorted(
         (r["value"]["x"], r["value"]["y"], r["value"]["width"], r["value"]["height"])
         for r in by_type["rectanglelabels"]

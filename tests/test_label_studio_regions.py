@@ -21,9 +21,29 @@ from defect_assist.label_studio.regions import prediction_regions
 
 pytestmark = pytest.mark.unit
 
-RECOMMENDED = (
+SHIPPED = (
     Path(__file__).resolve().parents[1] / "backend/defect_assist/label_studio/labeling_config.xml"
 ).read_text()
+# The recommended config as it was when the values were pinned (one "defect" label on both the brush
+# and the polygon); the shipped one, laid out in columns with distinct label names, is held to the
+# same regions by test_shipped_config_draws_the_pinned_regions_under_its_labels.
+RECOMMENDED = """<View>
+  <Header value="Defect inspection: check the verdict, correct the mask"/>
+  <Image name="image" value="$image" zoom="true" zoomControl="true" brightnessControl="true"
+         contrastControl="true"/>
+  <Choices name="verdict" toName="image" choice="single" showInline="true" required="true">
+    <Choice value="normal" hotkey="1"/>
+    <Choice value="anomalous" hotkey="2"/>
+  </Choices>
+  <BrushLabels name="defect_mask" toName="image">
+    <Label value="defect" background="#ff0040"/>
+  </BrushLabels>
+  <PolygonLabels name="defect_outline" toName="image" strokeWidth="2" opacity="0.3">
+    <Label value="defect" background="#ffa000"/>
+  </PolygonLabels>
+</View>
+"""
+SHIPPED_LABELS = {"brushlabels": "defect mask", "polygonlabels": "defect outline"}
 RECTANGLE = "<RectangleLabels name='box' toName='image'><Label value='defect'/></RectangleLabels>"
 CONFIGS: dict[str, str] = {
     "recommended": RECOMMENDED,
@@ -242,6 +262,24 @@ def test_regions_are_byte_identical(config: str, prediction: str) -> None:
     types = "".join(TYPES[region["type"]] for region in regions)
     digest = hashlib.sha256(json.dumps(regions).encode()).hexdigest()[:16]
     assert (types, digest) == EXPECTED_REGIONS.get((config, prediction), ("", EMPTY_DIGEST))
+
+
+@pytest.mark.parametrize("prediction", sorted(PREDICTIONS))
+def test_shipped_config_draws_the_pinned_regions_under_its_labels(prediction: str) -> None:
+    """The shipped config fills what the pinned one did; only the brush and polygon label names differ."""
+    shipped = ControlSpec.from_config(SHIPPED)
+    assert _set_fields(shipped) == {
+        **EXPECTED_SPECS["recommended"],
+        "brush_label": SHIPPED_LABELS["brushlabels"],
+        "polygon_label": SHIPPED_LABELS["polygonlabels"],
+    }
+    expected = [
+        {**region, "value": {**region["value"], region["type"]: [SHIPPED_LABELS[region["type"]]]}}
+        if region["type"] in SHIPPED_LABELS
+        else region
+        for region in prediction_regions(PREDICTIONS[prediction](), ControlSpec.from_config(RECOMMENDED))
+    ]
+    assert json.dumps(prediction_regions(PREDICTIONS[prediction](), shipped)) == json.dumps(expected)
 
 
 def test_pinned_values_read_plainly() -> None:

@@ -9,7 +9,7 @@ from defect_assist.core.models.prediction import Prediction
 from defect_assist.label_studio.annotations import classify_annotation
 from defect_assist.label_studio.label_config import ControlSpec
 from defect_assist.label_studio.regions import prediction_regions
-from defect_assist.label_studio.vocabulary import is_normal_choice
+from defect_assist.label_studio.vocabulary import is_normal_choice, pick_defect_label
 
 pytestmark = pytest.mark.unit
 
@@ -28,6 +28,20 @@ def test_normal_words_read_as_normal(value: str) -> None:
 def test_other_words_read_as_anomalous(value: str) -> None:
     assert not is_normal_choice(value)
     assert classify_annotation(_choice(value)) == ("anomalous", None, 0)
+
+
+@pytest.mark.parametrize(
+    ("labels", "picked"),
+    [
+        (["defect mask"], "defect mask"),  # the recommended config's brush label
+        (["scratch", "defect outline"], "defect outline"),  # its polygon label, after a non-defect one
+        (["Dust", "NG area"], "NG area"),
+        (["scratch", "dust"], "scratch"),  # no defect word: the first
+        ([], None),
+    ],
+)
+def test_region_labels_with_a_defect_word_are_drawn(labels: list[str], picked: str | None) -> None:
+    assert pick_defect_label(labels) == picked
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,16 @@
 """Issue 14 end to end: a real Label Studio, our backend (``defect-assist serve``), a real redis-server and
 a real worker process.
 
-The project's first model comes from 60 magnetic-tile folder normals (a worker job with local
+The project's first model comes from the 650 magnetic-tile folder normals (a worker job with local
 images, as the stack starts it; PatchCore at 96 px). In Label Studio an annotator marks 3 tasks
 normal and presses *Start training*: the ``START_TRAINING`` webhook reaches the backend, the worker
-exports the annotations and retrains. The new version keeps the 60 folder normals (incremental:
-the memory bank grows), passes the check and is served, and Label Studio's predictions under it
-call the good test tiles of the project normal.
+exports the annotations and retrains. The new version keeps the 650 folder normals (incremental:
+the memory bank grows), passes the check and becomes current; with no manual action every task then
+gets its prediction (the first version's are deleted), the good tiles stay normal, the Data Manager's
+score column is filled and sorts (the Data Manager, screenshot in ``artifacts/``), and the model card
+names the served version. Then 8 defect images are imported and annotated *normal*: that retrain is kept
+as a candidate (the model card says so), the served version stays, and the imported tasks get its
+predictions without anyone asking.
 """
 
 from __future__ import annotations
@@ -67,8 +71,8 @@ def test_start_training_after_three_normals_keeps_the_folder_model(stack, magnet
     from defect_assist_worker.triggers import request_retrain
 
     train = sorted((magnetic_tile / "train" / "good").glob("*.jpg"))
-    folder, annotated = train[::10][:60], train[3::200][:3]
-    good_tiles = sorted((magnetic_tile / "test" / "good").glob("*.jpg"))[::12][:12]
+    tiles = sorted((magnetic_tile / "test" / "good").glob("*.jpg"))
+    folder, annotated, good_tiles = train, tiles[1::12][:3], tiles[::12][:12]  # 650 folder normals
     store = ModelStore(stack["tmp"] / "models")
     ls = httpx.Client(
         base_url=stack["ls"].url, headers={"Authorization": f"Token {stack['ls'].token}"}, timeout=60
@@ -76,11 +80,10 @@ def test_start_training_after_three_normals_keeps_the_folder_model(stack, magnet
     config = (ROOT / "backend" / "defect_assist" / "label_studio" / "labeling_config.xml").read_text()
     project = stack["ls"].create_project("issue 14", config)
     pid = str(project)
-    for folder_path, names in ((annotated[0].parent, annotated), (good_tiles[0].parent, good_tiles)):
-        regex = "^(" + "|".join(re.escape(p.name) for p in names) + ")$"
-        stack["ls"].import_local_files(project, folder_path, regex=regex)
+    regex = "^(" + "|".join(re.escape(p.name) for p in [*annotated, *good_tiles]) + ")$"
+    stack["ls"].import_local_files(project, tiles[0].parent, regex=regex)
 
-    # the first model: 60 folder normals, a worker job with local images (as the stack starts it)
+    # the first model: the 650 folder normals, a worker job with local images (as the stack starts it)
     request_retrain(
         pid, "stack: first model", images=[str(p) for p in folder], connection=redis.from_url(stack["redis"])
     )
@@ -89,7 +92,9 @@ def test_start_training_after_three_normals_keeps_the_folder_model(stack, magnet
     except TimeoutError:
         raise AssertionError(_logs(stack)) from None
     n_first = first.metadata["n_train_images"]
-    assert n_first == len(first.metadata["extra"]["training_images"]) >= 50
+    known = {*first.metadata["extra"]["training_images"], *first.metadata["extra"]["check_images"]}
+    assert n_first == len(first.metadata["extra"]["training_images"])
+    assert len(known) == len(train) >= 650  # trained on, or held out to check the next versions
 
     ml = ls.post("/api/ml", json={"project": project, "url": stack["backend"], "title": "defect-assist"})
     assert ml.status_code in (200, 201), ml.text
@@ -124,31 +129,116 @@ def test_start_training_after_three_normals_keeps_the_folder_model(stack, magnet
         "label-studio",
         "incremental",
     )
-    assert second.metadata["n_train_images"] == n_first + 3  # the 60 folder normals are still there
+    assert second.metadata["n_train_images"] == n_first + 3  # the 650 folder normals are still there
     assert set(extra["training_images"]) >= set(first.metadata["extra"]["training_images"])
+    assert len({*extra["training_images"], *extra["check_images"]}) >= len(train) + 3  # knows ≥ 650 normals
     assert extra["memory_bank"] >= first.metadata["extra"]["memory_bank"]
     assert extra["check"]["reason"].startswith(f"not worse than {first.version}")
     served = httpx.get(f"{stack['backend']}/versions", params={"project": project}, timeout=10).json()
     assert served["current"] == version
 
-    # Label Studio asks the backend for predictions: the good tiles stay normal
-    ls.post(
-        "/api/dm/actions",
-        params={"id": "retrieve_tasks_predictions", "project": project},
-        json={"selectedItems": {"all": True, "excluded": []}},
-    ).raise_for_status()
-
+    # no manual action: the backend sees the new current version and has Label Studio re-predict
     def verdicts() -> dict[str, str] | None:
         found = {}
-        for task in ls.get("/api/tasks", params={"project": project, "fields": "all"}).json()["tasks"]:
-            for prediction in task.get("predictions", []):
-                if prediction["model_version"] == version:
-                    choice = next(r for r in prediction["result"] if r["type"] == "choices")
-                    found[str(next(iter(task["data"].values()))).rsplit("/", 1)[-1]] = choice["value"][
-                        "choices"
-                    ][0]
+        for prediction in ls.get("/api/predictions/", params={"project": project}).json():
+            if prediction["model_version"] == version:
+                choice = next(r for r in prediction["result"] if r["type"] == "choices")
+                found[prediction["task"]] = choice["value"]["choices"][0]
         return found if len(found) == len(tasks) else None
 
-    found = wait_for(verdicts, 120, 1, "predictions in Label Studio")
-    anomalous = [name for name in (p.name for p in good_tiles) if found[name] != "normal"]
+    try:
+        found = wait_for(verdicts, 120, 1, "every task re-predicted with the new version")
+    except TimeoutError:
+        raise AssertionError(_logs(stack)) from None
+    by_name = {str(next(iter(t["data"].values()))).rsplit("/", 1)[-1]: t["id"] for t in tasks}
+    anomalous = [name for name in (p.name for p in good_tiles) if found[by_name[name]] != "normal"]
     assert len(anomalous) <= 2, f"good tiles called anomalous: {anomalous} (issue 14: 10 of 12)"
+    # one pre-annotation per task: the first version's predictions are gone, the score column is filled
+    wait_for(
+        lambda: (
+            {p["model_version"] for p in ls.get("/api/predictions/", params={"project": project}).json()}
+            == {version}
+        ),
+        30,
+        1,
+        "older predictions deleted",
+    )
+    assert ls.get(f"/api/projects/{project}").json()["model_version"] == version
+    card = ls.get(f"/api/ml/{ml.json()['id']}").json()
+    assert version in card["title"], card["title"]
+    query = json.dumps({"ordering": ["tasks:predictions_score"]})
+    ordered = ls.get(
+        "/api/tasks", params={"project": project, "fields": "all", "page_size": 50, "query": query}
+    ).json()["tasks"]
+    scores = [t["predictions_score"] for t in ordered]
+    assert len(scores) == len(tasks) and None not in scores, scores
+    assert scores == sorted(scores), scores
+    _screenshot_data_manager(stack["ls"], project, max(scores))
+
+    # a poisoned retrain: 8 defect images imported and annotated as normal → a candidate, not served
+    defects = sorted(p for p in (magnetic_tile / "test").glob("*/*.jpg") if p.parent.name != "good")[::15][:8]
+    before = {t["id"] for t in tasks}
+    for parent in sorted({p.parent for p in defects}):
+        names = "|".join(re.escape(p.name) for p in defects if p.parent == parent)
+        stack["ls"].import_local_files(project, parent, regex=f"^({names})$")
+    poisoned = [t for t in ls.get("/api/tasks", params={"project": project, "page_size": 50}).json()["tasks"]]
+    poisoned = [t for t in poisoned if t["id"] not in before]
+    assert len(poisoned) == len(defects) == 8
+    for task in poisoned:
+        verdict = {"from_name": "verdict", "to_name": "image", "type": "choices"}
+        verdict["value"] = {"choices": ["normal"]}
+        assert ls.post(f"/api/tasks/{task['id']}/annotations", json={"result": [verdict]}).status_code == 201
+    ls.post(f"/api/ml/{ml.json()['id']}/train").raise_for_status()
+    try:
+        third = wait_for(lambda: (v := store.versions(pid)) and len(v) == 3 and v[-1], 400, 0.5, "poisoned")
+    except TimeoutError:
+        raise AssertionError(_logs(stack)) from None
+    assert third.status == "candidate", third.metadata["extra"]["check"]
+    assert store.current_version(pid) == version
+    assert ls.get(f"/api/projects/{project}").json()["model_version"] == version
+    card_url = f"/api/ml/{ml.json()['id']}"
+    title = wait_for(lambda: "candidate" in (t := ls.get(card_url).json()["title"]) and t, 60, 1, "card")
+    assert f"serving {version}" in title and f"candidate {third.version}" in title, title
+    # the imported tasks got the served version's prediction too (TASKS_CREATED), unasked
+    new_ids = {t["id"] for t in poisoned}
+    wait_for(
+        lambda: (
+            new_ids
+            <= {
+                p["task"]
+                for p in ls.get("/api/predictions/", params={"project": project}).json()
+                if p["model_version"] == version
+            }
+        ),
+        120,
+        1,
+        "imported tasks predicted",
+    )
+
+
+def _screenshot_data_manager(server, project: int, top_score: float) -> None:
+    """What an annotator sees: the demo's *By anomaly score* tab, highest score first (artifacts/)."""
+    from browser import headless_browser
+
+    from defect_assist_tools.local_label_studio import PASSWORD, USER
+    from defect_assist_tools.stack_label_studio import score_sorted_tab
+
+    tab = score_sorted_tab(server.client, project)
+    target = ROOT / "artifacts" / "label-studio-sorted-by-score.png"
+    target.parent.mkdir(exist_ok=True)
+    with headless_browser() as browser:
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        page.goto(f"{server.url}/user/login/")
+        page.fill("input[name=email]", USER)
+        page.fill("input[name=password]", PASSWORD)
+        page.click("button[type=submit]")
+        page.wait_for_url(lambda url: "/user/login" not in url, timeout=60_000)
+        page.goto(f"{server.url}/projects/{project}/data?tab={tab}")
+        page.wait_for_selector(".dm-table__row-wrapper, [class*=row-wrapper]", timeout=90_000)
+        page.wait_for_timeout(2000)
+        text = page.inner_text("body")
+        page.screenshot(path=str(target))
+    assert "By anomaly score" in text
+    shown = [float(value) for value in re.findall(r"(?<![\w.])\d\.\d{3}(?![\w.])", text)]
+    assert shown and abs(shown[0] - top_score) < 1e-3, (shown, top_score)  # highest first, on screen
+    assert shown == sorted(shown, reverse=True), shown

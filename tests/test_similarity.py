@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,9 @@ from typer.testing import CliRunner
 from defect_assist.core.models.registry import create_model
 from defect_assist.core.store import ModelStore
 from defect_assist.similarity.embedding import SimilarityEmbedder, verdict_vector
-from defect_assist.similarity.index import SimilarityIndex, content_hash, query_similar, update_index
+from defect_assist.similarity.index import SimilarityIndex
+from defect_assist.similarity.indexing import content_hash, query_similar, update_index
+from defect_assist.similarity.local_storage import IndexBusyError, LocalStorage
 from defect_assist.similarity.mvtec import walk_folder
 
 pytestmark = pytest.mark.unit
@@ -172,5 +176,63 @@ def test_http_similar_endpoint(tile_folder: Path, store: ModelStore, tmp_path: P
         assert body["query"]["path"] == query.name and len(body["neighbours"]) == 2
         assert body["neighbours"][0]["path"] == str(query) and body["neighbours"][0]["similarity"] > 0.999
         assert client.get("/similar", params={"path": str(query), "project": "nope"}).status_code == 404
+
+        # one request opens the embedded storage once (count, stored-vector lookup and search)
+        connect = LocalStorage._connect
+        openings: list[Path] = []
+
+        def counting(storage: LocalStorage, *args):
+            openings.append(storage.path)
+            return connect(storage, *args)
+
+        monkeypatch.setattr(LocalStorage, "_connect", counting)
+        assert client.get("/similar", params={"path": str(query), "project": PROJECT}).status_code == 200
+        assert len(openings) == 1
+
+        # storage held by another client: 503 with the holder named and a Retry-After
+        from qdrant_client import QdrantClient
+
+        from defect_assist.similarity import service
+
+        open_context = service.open_context
+
+        def impatient(*args, **kwargs):
+            context = open_context(*args, **kwargs)
+            context.index.lock_wait_s = 0.2
+            return context
+
+        monkeypatch.setattr(service, "open_context", impatient)
+        holder = QdrantClient(path=str(tmp_path / "q"))
+        try:
+            busy = client.get("/similar", params={"path": str(query), "project": PROJECT})
+        finally:
+            holder.close()
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "5"
+        assert "held by" in busy.json()["detail"]
     finally:
         get_settings.cache_clear()
+
+
+def test_embedded_storage_is_held_only_during_an_operation(tmp_path: Path) -> None:
+    """Local mode locks a folder to one client: the index opens it per operation, shares one opening
+    between the objects of a process, waits for another holder and then names it."""
+    from qdrant_client import QdrantClient
+
+    path = tmp_path / "q"
+    index = SimilarityIndex(PROJECT, path=path, lock_wait_s=0.3)
+    digests = ["ab" * 32, "cd" * 32]
+    index.upsert(np.eye(2, 4), [{"content_hash": d, "model_version": "v1"} for d in digests])
+    with index.session():  # e.g. the backend's route and a CLI command in one process: in turn
+        assert SimilarityIndex(PROJECT, path=path).count() == 2
+        assert set(index.vectors(digests)) == set(digests)
+
+    holder = QdrantClient(path=str(path))  # free between operations: any client can open it
+    try:
+        with pytest.raises(IndexBusyError, match=rf"held by this process \(pid {os.getpid()}.*QDRANT_URL"):
+            index.count()
+    finally:
+        holder.close()
+
+    holder = QdrantClient(path=str(path))
+    threading.Timer(0.5, holder.close).start()  # a holder that lets go within the wait is waited for
+    assert SimilarityIndex(PROJECT, path=path, lock_wait_s=20).count() == 2

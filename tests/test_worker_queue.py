@@ -226,3 +226,79 @@ def test_http_router_requests_retrain_and_lists_jobs(worker_env, train_normals):
         ]
         assert client.get(f"/jobs/{first['job_id']}").json()["project"] == "21"
         assert client.get("/jobs/nope").status_code == 404
+
+
+def test_start_training_answer_names_the_job_and_its_progress_page(worker_env):
+    """Label Studio records the ``job`` of the Start-training answer; the progress URL serves the job."""
+    from fastapi.testclient import TestClient
+
+    from defect_assist_tools.serve import backend_app
+
+    with TestClient(backend_app()) as client:
+        answer = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 31}}).json()
+        assert (answer["status"], answer["action"], answer["job_status"]) == (
+            "accepted",
+            "START_TRAINING",
+            "queued",
+        )
+        job = Job.fetch(answer["job"], connection=_connection(worker_env["url"]))
+        assert job.kwargs["project"] == "31"
+        assert answer["progress"].endswith(f"/jobs/{job.id}")
+        progress = client.get(answer["progress"].replace("http://testserver", "")).json()
+        assert (progress["id"], progress["project"], progress["stage"]) == (job.id, "31", "queued")
+        legacy = client.post("/train", json={"project": "31.1712345678"}).json()  # the pre-webhook LS call
+        assert (legacy["job"], legacy["job_status"]) == (job.id, "coalesced")
+        other = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 31}}).json()
+        assert "job" not in other  # other webhooks are accepted at once, handled off the request
+
+
+def test_recovery_requeues_a_job_whose_execution_record_expired(worker_env):
+    """A worker killed long ago leaves a started-registry entry whose execution hash has expired
+    (issue 14: the next start crashed with ``Execution … not found in Redis``)."""
+    import time
+
+    from rq import Queue
+    from rq.job import JobStatus
+    from rq.registry import StartedJobRegistry
+
+    from defect_assist_worker.queues import RETRAIN_QUEUE
+    from defect_assist_worker.worker import recover_abandoned
+
+    connection = _connection(worker_env["url"])
+    queue = Queue(RETRAIN_QUEUE, connection=connection)
+    job = queue.enqueue("defect_assist_worker.jobs.retrain", kwargs={"project": "p"})
+    queue.remove(job)
+    job.set_status(JobStatus.STARTED)
+    job.worker_name = "killed-long-ago"
+    job.save()
+    registry = StartedJobRegistry(queue=queue)
+    connection.zadd(registry.key, {f"{job.id}:expired-execution": time.time() + 3600})
+    connection.zadd(job.execution_registry.key, {"expired-execution": time.time() + 3600})  # no hash
+    with pytest.raises(ValueError, match="not found in Redis"):  # what rq's own removal trips over
+        registry.remove_executions(job)
+
+    assert recover_abandoned(connection, (RETRAIN_QUEUE,)) == [job.id]
+    assert job.get_status(refresh=True) == JobStatus.QUEUED
+    assert queue.get_job_ids() == [job.id]
+    assert connection.zcard(registry.key) == 0
+
+
+def test_redis_with_an_unreadable_append_only_file_starts_and_keeps_it_aside(tmp_path: Path):
+    """A stale, damaged AOF (issue 14: restart safety) must not keep the queue's Redis down."""
+    import redis
+
+    from defect_assist_worker.redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "redis")
+    url = server.start(detach=False)
+    redis.Redis.from_url(url).set("k", "v")
+    server.kill()
+    aof_dir = tmp_path / "redis" / "appendonlydir"
+    for aof in aof_dir.glob("*.aof"):
+        aof.write_bytes(b"*3\r\n$3\r\nSET\r\nthis is not the append-only format\r\n" * 3)
+    try:
+        url = server.start(detach=False)
+        assert redis.Redis.from_url(url).ping()
+        assert list((tmp_path / "redis").glob("appendonlydir.unreadable-*")), "damaged AOF not kept aside"
+    finally:
+        server.stop()

@@ -1,11 +1,12 @@
 """FiftyOne plugin: Defect Assist operators (discoverable via ``FIFTYONE_PLUGINS_DIR=<repo>/plugins``).
 
-* ``find_similar`` — nearest neighbours of the selected sample in the project's Qdrant index
-  (falls back to the dataset's ``similarity`` brain index when the project index is empty);
-  shows them as the App's view, in similarity order.
+* ``find_similar`` — nearest neighbours of the selected sample in the project's similarity index
+  (the one Qdrant collection ``defect-assist index`` / ``similar``, the backend's ``/similar`` and
+  the dataset's ``similarity`` brain run share; an indexed sample is not re-embedded); shows those
+  in this dataset as the App's view, in similarity order.
 * ``compute_predictions`` (delegated) — re-runs the project's current model on the view:
-  heatmaps, masks, verdicts, embeddings, the 2-D plot and the similarity index, and refreshes the
-  project's Qdrant index (new model version → stale points re-embedded).
+  heatmaps, masks, verdicts and the 2-D plot; embeddings through the project's index (images it
+  holds for the current version are reused, new or stale ones embedded once and written to it).
 * ``send_to_label_studio`` — creates Label Studio tasks for the selected samples with our
   predictions attached (verdict choice + brush mask), through the Label Studio adapter.
 * ``trigger_retrain`` (delegated) — enqueues a retrain on the worker's queue (``defect_assist_worker``,
@@ -61,7 +62,7 @@ class FindSimilar(foo.Operator):
         return types.Property(inputs, view=types.View(label="Find similar"))
 
     def execute(self, ctx: Any) -> dict[str, Any]:
-        from defect_assist.similarity.index import query_similar
+        from defect_assist.similarity.indexing import query_similar
         from defect_assist.similarity.service import open_context
 
         ids = _target_ids(ctx)
@@ -69,25 +70,30 @@ class FindSimilar(foo.Operator):
             raise ValueError("select a sample first")
         sample = ctx.dataset[ids[0]]
         k = int(ctx.params.get("k", 10))
-        context = open_context(_project(ctx), device="cpu")
+        project = _project(ctx)
+        context = open_context(project, device="cpu")
         try:
-            if context.index.count():
-                query, neighbours = query_similar(context.index, context.embedder, sample.filepath, k=k)
-                hits = [n.summary() for n in neighbours]
-                source = "qdrant:" + context.index.collection
-            else:
-                query, hits, source = {"path": sample.filepath}, [], ""
+            if not context.index.count():
+                raise ValueError(
+                    f"the similarity index of project {project!r} is empty: run `defect-assist fiftyone` "
+                    "or `defect-assist index`, or the compute_predictions operator"
+                )
+            query, neighbours = query_similar(context.index, context.embedder, sample.filepath, k=k)
         finally:
             context.close()
-        if hits:
-            paths = [h["path"] for h in hits]
-            view = ctx.dataset.select_by("filepath", [p for p in paths if p], ordered=True)
-        else:  # project index empty: the dataset's own similarity index
-            view = ctx.dataset.sort_by_similarity(sample.id, k=k, brain_key="similarity")
-            source = "fiftyone-brain:similarity"
-            hits = [{"path": p} for p in view.values("filepath")]
+        hits = [n.summary() for n in neighbours]
+        hashes = [n.payload.get("content_hash") for n in neighbours]
+        if ctx.dataset.has_field("content_hash"):  # the same image under any path
+            view = ctx.dataset.select_by("content_hash", [h for h in hashes if h], ordered=True)
+        else:
+            view = ctx.dataset.select_by("filepath", [h["path"] for h in hits if h["path"]], ordered=True)
         ctx.ops.set_view(view)
-        return {"query": query, "neighbours": hits, "source": source, "in_dataset": len(view)}
+        return {
+            "query": query,
+            "neighbours": hits,
+            "source": "qdrant:" + context.index.collection,
+            "in_dataset": len(view),
+        }
 
     def resolve_output(self, ctx: Any) -> types.Property:
         outputs = types.Object()
@@ -110,19 +116,14 @@ class ComputePredictions(foo.Operator):
     def resolve_input(self, ctx: Any) -> types.Property:
         inputs = types.Object()
         _project_input(inputs, ctx)
-        inputs.bool("update_index", label="Also refresh the project's Qdrant index", default=True)
         return types.Property(inputs, view=types.View(label="Compute predictions"))
 
     def resolve_delegation(self, ctx: Any) -> bool:
         return bool(ctx.params.get("delegate", True))
 
     def execute(self, ctx: Any) -> dict[str, Any]:
-        from pathlib import Path
-
         from defect_assist.core.settings import get_settings
         from defect_assist.explore.fiftyone_dataset import add_predictions, compute_brain_runs
-        from defect_assist.similarity.index import update_index
-        from defect_assist.similarity.mvtec import ImageRecord
         from defect_assist.similarity.service import open_context
 
         settings = get_settings()
@@ -132,32 +133,19 @@ class ComputePredictions(foo.Operator):
         context = open_context(_project(ctx), device=settings.device)
         try:
             media = Path(info.get("media_dir") or settings.cache_dir / "fiftyone" / dataset.name)
-            add_predictions(
-                view, context.embedder, media, progress=lambda s, d, t: ctx.set_progress(d / max(t, 1))
-            )
-            report = {}
-            if ctx.params.get("update_index", True):
-                records = [
-                    ImageRecord(Path(p), s, (g.label if g else None), t, None, c)
-                    for p, s, g, t, c in zip(
-                        *view.values(["filepath", "split", "ground_truth", "defect_type", "category"]),
-                        strict=True,
-                    )
-                ]
-                context.index.mark_stale(context.model_version)
-                report = update_index(
-                    context.index, context.embedder, records, context.model_version
-                ).summary()
+            report = add_predictions(
+                view,
+                context.embedder,
+                media,
+                context.index,
+                progress=lambda s, d, t: ctx.set_progress(d / max(t, 1)),
+            ).summary()
+            runs = compute_brain_runs(dataset, context.index)
         finally:
             context.close()
-        runs = compute_brain_runs(
-            dataset,
-            qdrant_path=Path(info["path"]) if info.get("path") else settings.qdrant_path / "fiftyone",
-            qdrant_url=info.get("url"),
-        )
         dataset.info = {
             **(dataset.info or {}),
-            "defect_assist": {**info, "model_version": context.model_version, **runs},
+            "defect_assist": {**info, "model_version": context.model_version, "index": report, **runs},
         }
         dataset.save()
         ctx.trigger("reload_dataset")

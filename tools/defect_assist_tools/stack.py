@@ -1,20 +1,20 @@
-"""The embedded single-machine stack: Redis, a retrain worker, the ML backend and (when set up) Label Studio.
+"""The embedded single-machine stack: Redis, a retrain worker, the ML backend and Label Studio.
 
 ``defect-assist stack`` starts each part as a child process with logs under ``var/stack/logs``, makes
 sure the project has a model (the first one is trained by the worker from the sample normals, the way
 any retrain runs), checks that ``/predict`` answers for a normal and a defective sample image, prints
 where everything listens and keeps running until Ctrl-C (``--smoke``: exit after the check).
 
-Label Studio runs when its venv (``.ls-venv``) is present or ``--label-studio`` asks to install it: it
-gets a persistent data dir ``var/stack/label-studio``, a demo project of sample test images served as local
-files, and our backend connected as its ML backend; the model store project is then the LS project id.
+Label Studio (installed into ``.ls-venv`` on the first run; ``--no-label-studio`` skips it) gets a
+persistent data dir ``var/stack/label-studio``, a demo project of sample test images served as local
+files and our backend connected as its ML backend (:mod:`defect_assist_tools.stack_label_studio`); the
+model store project is then the LS project id.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,8 +26,7 @@ from typing import Any
 import httpx
 
 from defect_assist.core.settings import PROJECT_ROOT, Settings
-
-DEMO_TITLE = "defect-assist demo"
+from defect_assist_tools.stack_label_studio import connect_backend, spread, start_demo_label_studio
 
 
 @dataclass
@@ -35,7 +34,7 @@ class StackOptions:
     data: Path
     project: str = "demo"
     backend_port: int = 9090
-    label_studio: bool | None = None  # None = when installed
+    label_studio: bool = True
     label_studio_port: int = 8080
     tasks: int = 24
     max_train: int | None = None
@@ -133,13 +132,6 @@ def sample_images(data: Path) -> SampleImages:
     return SampleImages(category.train, normals, defects)
 
 
-def _spread(items: list[Path], count: int) -> list[Path]:
-    if count <= 0 or not items:
-        return []
-    step = max(1, len(items) // count)
-    return items[::step][:count]
-
-
 def _wait_http(url: str, timeout: float, stack: Stack, auth: tuple[str, str] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -151,53 +143,16 @@ def _wait_http(url: str, timeout: float, stack: Stack, auth: tuple[str, str] | N
     raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
 
 
-def _start_label_studio(stack: Stack) -> None:
-    from defect_assist_tools.local_label_studio import (
-        CONFIG,
-        ensure_label_studio,
-        start_label_studio,
-        template_data_dir,
-    )
+def _recover_interrupted_jobs(stack: Stack, redis_url: str) -> None:
+    """Re-queue retrain jobs a killed stack left "started" before the worker (or a new request) runs:
+    the first model's job is then found queued and waited for, never requested twice."""
+    import redis
 
-    options = stack.options
-    stack.say("starting Label Studio (first start of a data dir: ~30 s)")
-    executable = ensure_label_studio()
-    home = options.state_dir / "label-studio"
-    data_dir = home / "data"
-    if not (data_dir / "label_studio.sqlite3").exists():
-        shutil.rmtree(data_dir, ignore_errors=True)
-        shutil.copytree(template_data_dir(executable), data_dir)
-    document_root = options.data.resolve().parent
-    server = start_label_studio(
-        executable, home, data_dir, options.label_studio_port, home / "label-studio.log", document_root
-    )
-    stack.label_studio = server
-    client = server.client
-    projects = client.get("/api/projects", page_size=1000)
-    projects = projects.get("results", projects) if isinstance(projects, dict) else projects
-    existing = next((p for p in projects if p.get("title") == DEMO_TITLE), None)
-    if existing is None:
-        project = server.create_project(DEMO_TITLE, CONFIG.read_text())
-        samples = stack.samples
-        half = options.tasks // 2
-        picked = _spread(samples.normals, half) + _spread(samples.defects, options.tasks - half)
-        regex = "^(" + "|".join(p.name.replace(".", r"\.") for p in picked) + ")$"
-        server.import_local_files(project, options.data.resolve() / "test", regex)
-        stack.say(f"created Label Studio project {project} with {len(server.tasks(project))} tasks")
-    else:
-        project = int(existing["id"])
-    stack.project = str(project)
+    from defect_assist_worker.worker import recover_abandoned
 
-
-def _connect_backend(stack: Stack, backend_url: str) -> None:
-    server = stack.label_studio
-    project = int(stack.project)
-    connected = server.client.get("/api/ml", project=project)
-    if not any(str(ml.get("url", "")).rstrip("/") == backend_url for ml in connected):
-        server.connect_backend(project, backend_url, title="defect-assist")
-    server.retrieve_predictions(project)
-    predicted = sum(1 for task in server.tasks(project) if server.predictions(task["id"]))
-    stack.lines.append(f"Label Studio project {project}: {predicted} task(s) carry predictions")
+    recovered = recover_abandoned(redis.Redis.from_url(redis_url))
+    if recovered:
+        stack.say(f"re-queued {len(recovered)} retrain job(s) interrupted when the stack last stopped")
 
 
 def _ensure_model(stack: Stack, redis_url: str) -> str:
@@ -214,37 +169,71 @@ def _ensure_model(stack: Stack, redis_url: str) -> str:
         return current
     train = stack.samples.train
     if stack.options.max_train:
-        train = _spread(train, stack.options.max_train)
+        train = spread(train, stack.options.max_train)
     connection = redis.Redis.from_url(redis_url)
     answer = request_retrain(
         stack.project, "stack: first model", images=[str(p) for p in train], connection=connection
     )
-    stack.say(f"project {stack.project} has no model: retrain job {answer['job_id']} on {len(train)} normals")
-    last = ""
-    while True:
-        stack.check_children()
-        job = Job.fetch(answer["job_id"], connection=connection)
-        status = job.get_status()
-        line = f"{status.value} {job.meta.get('stage', '')} {job.meta.get('percent', 0):.0f}%"
-        if line != last:
-            stack.say(line)
-            last = line
-        if status == JobStatus.FINISHED:
-            break
-        if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
-            raise RuntimeError(f"first training failed: {job.meta.get('error') or job.exc_info}")
-        time.sleep(1)
+    if answer["status"] == "queued":
+        job, count = answer["job_id"], len(train)
+        stack.say(f"project {stack.project} has no model: retrain job {job} on {count} normals")
+    else:  # the job an interrupted run started
+        stack.say(f"project {stack.project} has no model: waiting for retrain job {answer['job_id']}")
+    with StageProgress(stack.say) as bar:
+        while True:
+            stack.check_children()
+            job = Job.fetch(answer["job_id"], connection=connection)
+            status = job.get_status()
+            bar.update(str(job.meta.get("stage") or status.value), float(job.meta.get("percent") or 0.0))
+            if status == JobStatus.FINISHED:
+                break
+            if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
+                raise RuntimeError(f"first training failed: {job.meta.get('error') or job.exc_info}")
+            time.sleep(1)
     version = store.current_version(stack.project)
     if not version:
         raise RuntimeError("the retrain job finished without publishing a version")
     return version
 
 
+class StageProgress:
+    """The first training's progress: one live bar on a terminal, otherwise one line per stage."""
+
+    def __init__(self, say: Any) -> None:
+        self.say = say
+        self.stage = ""
+        self.started = time.monotonic()
+        self.live = sys.stdout.isatty()
+        self.progress: Any = None
+
+    def __enter__(self) -> StageProgress:
+        if self.live:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            columns = (TextColumn("[stack] {task.description}"), BarColumn(), TimeElapsedColumn())
+            self.progress = Progress(*columns)
+            self.progress.start()
+            self.task = self.progress.add_task("first model", total=100)
+        return self
+
+    def update(self, stage: str, percent: float) -> None:
+        if self.live:
+            self.progress.update(self.task, description=f"first model: {stage}", completed=percent)
+        elif stage != self.stage:
+            self.say(f"first model: {stage} ({percent:.0f}%, {time.monotonic() - self.started:.0f} s)")
+        self.stage = stage
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        self.say(f"first model trained in {time.monotonic() - self.started:.0f} s")
+
+
 def _smoke_predict(stack: Stack, backend_url: str) -> None:
     """One normal and one defective sample through ``/predict`` (with the recommended labeling config)."""
     from defect_assist_tools.local_label_studio import CONFIG
 
-    samples = _spread(stack.samples.normals, 1) + _spread(stack.samples.defects, 1)
+    samples = spread(stack.samples.normals, 1) + spread(stack.samples.defects, 1)
     if not samples:
         return
     tasks = [{"id": i + 1, "data": {"image": str(p.resolve())}} for i, p in enumerate(samples)]
@@ -287,13 +276,11 @@ def run_stack(options: StackOptions) -> int:
                 redis_url = server.start(detach=False)
                 stack.redis_server = server
         stack.say(f"redis: {redis_url}")
+        _recover_interrupted_jobs(stack, redis_url)
 
         backend_url = f"http://127.0.0.1:{options.backend_port}"
-        use_ls = options.label_studio
-        if use_ls is None:
-            use_ls = (PROJECT_ROOT / ".ls-venv" / "bin" / "label-studio").exists()
-        if use_ls:
-            _start_label_studio(stack)
+        if options.label_studio:
+            start_demo_label_studio(stack)
 
         env = {
             **os.environ,
@@ -327,16 +314,19 @@ def run_stack(options: StackOptions) -> int:
         _wait_http(f"{backend_url}/health", 120, stack)
         _smoke_predict(stack, backend_url)
         if stack.label_studio is not None:
-            _connect_backend(stack, backend_url)
+            connect_backend(stack, backend_url, version)
 
         print("\ndefect-assist stack is up", flush=True)
         print(f"  model          project {stack.project}, version {version} ({settings.model_dir})")
         print(f"  ML backend     {backend_url}  (/health /setup /predict /webhook /versions /retrain /jobs)")
-        print(f"  redis + worker {redis_url}, queue defect-assist-retrain  (defect-assist jobs)")
+        print(f"  redis + worker {redis_url}, queue defect-assist-retrain")
+        print(f"  retrain jobs   {backend_url}/jobs  (stage, %, ETA; also `defect-assist jobs`)")
         if stack.label_studio is not None:
             from defect_assist_tools.local_label_studio import PASSWORD, USER
 
             print(f"  Label Studio   {stack.label_studio.url}  (login {USER} / {PASSWORD})")
+            demo = f"{stack.label_studio.url}/projects/{stack.project}/data"
+            print(f"  demo project   {demo}  (tab: By anomaly score)")
         print(f"  logs           {options.state_dir / 'logs'}")
         for line in stack.lines:
             print(f"  {line}")

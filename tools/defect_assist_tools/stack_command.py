@@ -18,12 +18,12 @@ def stack(
     project: Annotated[str, typer.Option(help="Model store project when Label Studio is off.")] = "demo",
     port: Annotated[int, typer.Option(help="ML backend port.")] = 9090,
     label_studio: Annotated[
-        bool | None,
+        bool,
         typer.Option(
             "--label-studio/--no-label-studio",
-            help="Run Label Studio (default: when .ls-venv is set up; --label-studio installs it).",
+            help="Run Label Studio (installed into .ls-venv on the first run).",
         ),
-    ] = None,
+    ] = True,
     label_studio_port: Annotated[int, typer.Option(help="Label Studio port.")] = 8080,
     tasks: Annotated[int, typer.Option(help="Sample test images imported into the demo LS project.")] = 24,
     max_train: Annotated[
@@ -34,7 +34,7 @@ def stack(
         Path | None, typer.Option(help="Logs and Label Studio data (default var/stack).")
     ] = None,
 ) -> None:
-    """Run the embedded stack: Redis, a retrain worker, the ML backend and Label Studio if set up."""
+    """Run the embedded stack: Redis, a retrain worker, the ML backend and Label Studio."""
     from defect_assist_tools.stack import StackOptions, run_stack  # httpx: the server extra
 
     options = StackOptions(

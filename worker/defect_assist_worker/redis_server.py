@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import shutil
 import signal
@@ -23,6 +24,8 @@ import time
 from pathlib import Path
 
 import redis
+
+logger = logging.getLogger(__name__)
 
 URL_FILE = "redis.url"
 CONFIG_FILE = "redis.conf"
@@ -111,6 +114,7 @@ class RedisServer:
             "bind 127.0.0.1",
             f"port {self.port or 0}",
             "appendonly yes",
+            "aof-load-truncated yes",
             f"appendfsync {self.appendfsync}",
             'save ""',
             f"pidfile {self.data_dir / PID_FILE}",
@@ -128,7 +132,27 @@ class RedisServer:
         return [find_redis_server(), str(self.write_config())]
 
     def start(self, detach: bool = True, timeout: float = 15.0) -> str:
-        """Start the server (unless one already serves this data dir) and return its URL."""
+        """Start the server (unless one already serves this data dir) and return its URL.
+
+        A truncated append-only file (a kill mid-write) is loaded up to its last whole command; one
+        redis-server refuses to read is moved aside (``appendonlydir.unreadable-<time>``, logged) and
+        the server starts empty: queued jobs are lost, published versions are not (they live in the
+        model store), and a server that never starts would lose everything.
+        """
+        try:
+            return self._start(detach, timeout)
+        except RedisServerError as error:
+            aof = self.data_dir / "appendonlydir"
+            if "append only" not in str(error).lower() and "aof" not in str(error).lower():
+                raise
+            if not aof.exists():
+                raise
+            aside = aof.with_name(f"appendonlydir.unreadable-{int(time.time())}")
+            aof.rename(aside)
+            logger.warning("redis-server could not read its append-only file; moved it to %s", aside)
+            return self._start(detach, timeout)
+
+    def _start(self, detach: bool, timeout: float) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.data_dir / ".start.lock", "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)

@@ -39,9 +39,35 @@ def _worker_dead(connection: redis.Redis, worker_name: str | None) -> bool:
     return False
 
 
+def _forget_executions(connection: redis.Redis, registry: StartedJobRegistry, job_id: str) -> None:
+    """Drop the job's entries (``<job id>:<execution id>``) from the started registry.
+
+    rq's ``remove_executions`` reads each execution's hash first and raises when one has expired, which
+    is what a worker killed long ago leaves behind; the registry's own members are enough here.
+    """
+    members = [m for m in connection.zrange(registry.key, 0, -1) if m.decode().startswith(f"{job_id}:")]
+    if members:
+        connection.zrem(registry.key, *members)
+
+
+def reap_dead_workers(connection: redis.Redis) -> list[str]:
+    """Mark workers registered on this host whose process is gone as dead; returns their names.
+
+    A worker killed with ``kill -9`` leaves its key for rq's TTL (minutes); a new worker of the same
+    name (the stack's ``stack-worker``) would refuse to start until then.
+    """
+    reaped = []
+    for worker in Worker.all(connection=connection):
+        if worker.hostname == socket.gethostname() and worker.pid and not pid_alive(worker.pid):
+            worker.register_death()
+            reaped.append(worker.name)
+    return reaped
+
+
 def recover_abandoned(connection: redis.Redis, queue_names: tuple[str, ...] = QUEUES) -> list[str]:
     """Re-queue (at the front) started jobs whose worker died; returns their ids."""
     recovered = []
+    reap_dead_workers(connection)
     for name in queue_names:
         queue = Queue(name, connection=connection)
         registry = StartedJobRegistry(queue=queue)
@@ -52,7 +78,7 @@ def recover_abandoned(connection: redis.Redis, queue_names: tuple[str, ...] = QU
                 continue
             if job.get_status() != JobStatus.STARTED or not _worker_dead(connection, job.worker_name):
                 continue
-            registry.remove_executions(job)
+            _forget_executions(connection, registry, job.id)
             job.meta["recovered"] = job.meta.get("recovered", 0) + 1
             job.meta["stage"] = "requeued after worker death"
             job.save_meta()

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
+from rich.text import Text
 
-from defect_assist.core.progress import RichProgress, parse_options
+from defect_assist.core.progress import RichProgress, parse_options, print_table
 from defect_assist.core.settings import get_settings
+
+if TYPE_CHECKING:
+    from defect_assist.core.store import VersionInfo
 
 console = Console(stderr=True)
 out = Console()
@@ -53,7 +57,7 @@ def predict(
         else:
             table.add_row(str(path), "-", f"[red]error: {result.error}[/red]", "-")
     if not as_json:
-        out.print(table)
+        print_table(out, table)
     if failed:
         console.print(f"[yellow]{failed} image(s) could not be read[/yellow]")
 
@@ -105,25 +109,66 @@ def versions(
             json.dumps([{**v.summary(), "path": str(v.path), **v.metadata} for v in found], default=str)
         )
         return
-    table = Table()
-    for column in ("version", "status"):
-        table.add_column(column, no_wrap=True)
-    for column in ("kind", "backbone", "images", "update", "created"):
-        table.add_column(column)
-    table.add_column("reason", overflow="fold")
+    print_versions(found)
+
+
+def version_tables(found: list[VersionInfo]) -> tuple[Table, Table]:
+    """The ``versions`` listing in two layouts: one column per fact, and a narrow one (version over
+    status, kind over backbone, images over update) for terminals too narrow for the first."""
+    wide = Table(
+        Column("version", no_wrap=True),
+        Column("status", no_wrap=True),
+        "kind",
+        Column("backbone", overflow="fold"),
+        Column("images", justify="right"),
+        "update",
+        Column("created", overflow="fold"),
+        Column("reason", overflow="fold"),
+    )
+    narrow = Table(
+        Column("version / status", no_wrap=True),
+        Column("kind / backbone", overflow="fold"),
+        "images / update",
+        Column("created", overflow="fold"),
+        Column("reason", overflow="fold"),
+    )
     for info in found:
         meta = info.metadata
-        table.add_row(
-            info.version,
-            info.status,
-            info.kind,
-            meta.get("backbone", ""),
-            str(meta.get("n_train_images", "")),
-            meta.get("update", ""),
-            meta.get("created", ""),
-            info.candidate_reason or "",
+        backbone, images = _text(meta.get("backbone")), _text(meta.get("n_train_images"))
+        update, created, reason = (
+            _text(meta.get("update")),
+            _text(meta.get("created")),
+            _text(info.candidate_reason),
         )
-    out.print(table)
+        wide.add_row(
+            *map(Text, (info.version, info.status, info.kind, backbone, images, update, created, reason))
+        )
+        narrow.add_row(
+            *map(
+                Text,
+                (
+                    f"{info.version}\n{info.status}",
+                    _lines(info.kind, backbone),
+                    _lines(images, update),
+                    created,
+                    reason,
+                ),
+            )
+        )
+    return wide, narrow
+
+
+def print_versions(found: list[VersionInfo], console: Console = out) -> None:
+    """Print the ``versions`` table: ids and reasons whole at any width (see :func:`print_table`)."""
+    print_table(console, *version_tables(found))
+
+
+def _text(value: object) -> str:
+    return "" if value is None else str(value)
+
+
+def _lines(*values: str) -> str:
+    return "\n".join(value for value in values if value)
 
 
 def _store_command(action: str, project: str, version: str | None, model_dir: Path | None) -> None:

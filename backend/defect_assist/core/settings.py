@@ -35,6 +35,13 @@ class Settings(BaseSettings):
     basic_auth_user: str = Field("", description="Require HTTP basic auth on the backend when set.")
     basic_auth_pass: str = Field("", description="Password for BASIC_AUTH_USER.")
     local_files_document_root: str = Field("", description="LS LOCAL_FILES_DOCUMENT_ROOT, read directly.")
+    label_studio_sync: bool = Field(
+        True, description="Re-predict a project's tasks in LS when a new version becomes current."
+    )
+    label_studio_sync_interval: float = Field(
+        2.0, description="Seconds between checks of the current versions."
+    )
+    label_studio_predict_batch: int = Field(16, description="Tasks per re-predict call (LS allows 100 s).")
 
     # Queue
     redis_url: str = Field("", description="External Redis; empty = start the project's own redis-server.")

@@ -1,4 +1,8 @@
-"""Exploration command: ``defect-assist fiftyone`` builds (and launches) the project's FiftyOne dataset."""
+"""Exploration command: ``defect-assist fiftyone`` builds (and launches) the project's FiftyOne dataset.
+
+It embeds through the project's similarity index (the one ``defect-assist index`` / ``similar`` use):
+images indexed already are reused, new ones are added to it.
+"""
 
 from __future__ import annotations
 
@@ -48,13 +52,19 @@ def fiftyone(
             name=name or f"defect-assist-{project}",
             model_version=version,
             project=project,
-            qdrant_path=(qdrant_path or settings.qdrant_path) / "fiftyone",
+            qdrant_path=qdrant_path or settings.qdrant_path,  # the project's one similarity index
             qdrant_url=qdrant_url or settings.qdrant_url or None,
             limit=limit,
             persistent=True,
             progress=progress,
         )
-    out.print(f"dataset {dataset.name}: {len(dataset)} samples")
+    report = dataset.info["defect_assist"]["index"]
+    embedded = report["added"] + report["reembedded"]
+    reused = report["unchanged"] + report["payload_updated"]
+    out.print(
+        f"dataset {dataset.name}: {len(dataset)} samples; similarity index of project {project!r}: "
+        f"{embedded} embedded, {reused} reused, {report['total_points']} points"
+    )
     if launch:
         import fiftyone as fo
 

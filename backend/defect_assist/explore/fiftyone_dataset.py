@@ -8,12 +8,20 @@ Per sample (fields):
 * ``prediction`` — ``fo.Classification`` (verdict, ``confidence`` = normalised score) and ``score``;
 * ``anomaly_map`` — ``fo.Heatmap`` (8-bit PNG of the normalised map, range 0–255, 128 = threshold);
 * ``pred_mask`` — ``fo.Segmentation`` (anomaly map > 0.5);
-* ``model_version``, ``embedding`` (the similarity vector, see ``defect_assist.similarity.embedding``).
+* ``model_version``, ``content_hash`` (SHA-256 of the image bytes), ``embedding`` (the similarity
+  vector, see ``defect_assist.similarity.embedding``).
+
+Embeddings go through the project's one similarity index (:mod:`defect_assist.similarity.index`,
+the collection ``defect-assist index`` / ``similar`` and the backend's ``/similar`` use): images it
+already holds for this model version (same content hash) are not embedded again, only predicted (for
+the heatmaps), and their ``embedding`` is the stored vector; new or stale ones are embedded once and
+written to it. So ``defect-assist similar`` works right after ``defect-assist fiftyone`` and the
+other way round, with no second pass.
 
 Dataset-level brain runs: ``embeddings_viz`` — a 2-D visualisation (UMAP when ``umap-learn`` is
-installed, else PCA) and ``similarity`` — a Qdrant similarity index (``qdrant_local`` backend,
-:mod:`defect_assist.explore.qdrant_backend`) so the App's "sort by similarity" works offline.
-Heatmap and mask PNGs are written next to the dataset under ``CACHE_DIR/fiftyone/<dataset>/``.
+installed, else PCA) and ``similarity`` — the App's "sort by similarity", on that same project index
+(``qdrant_local`` backend with ``hash_field="content_hash"``, :mod:`defect_assist.explore.qdrant_backend`),
+offline. Heatmap and mask PNGs are written next to the dataset under ``CACHE_DIR/fiftyone/<dataset>/``.
 """
 
 from __future__ import annotations
@@ -33,13 +41,16 @@ from defect_assist.core.models.base import AnomalyModel
 from defect_assist.core.models.prediction import Prediction
 from defect_assist.core.progress import ProgressCallback
 from defect_assist.explore.qdrant_backend import BACKEND_NAME, register_backend
-from defect_assist.similarity.embedding import EMBEDDING_NAME, SimilarityEmbedder
+from defect_assist.similarity.embedding import EMBEDDING_NAME, EmbedResult, SimilarityEmbedder
+from defect_assist.similarity.index import SimilarityIndex
+from defect_assist.similarity.indexing import IndexReport, content_hash, update_index
 from defect_assist.similarity.mvtec import ImageRecord, walk_folder
 
 logger = logging.getLogger(__name__)
 
 SIMILARITY_KEY = "similarity"
 VISUALIZATION_KEY = "embeddings_viz"
+HASH_FIELD = "content_hash"
 MASK_TARGETS = {1: "defect"}
 
 
@@ -108,46 +119,85 @@ def _stem(record: ImageRecord) -> str:
     return "_".join([*parts, record.path.stem])
 
 
+def sample_records(samples: fo.core.collections.SampleCollection) -> list[ImageRecord]:
+    """The index records of ``samples`` (path, split, label, defect type, category), in order."""
+    paths, splits, truths, types, categories = samples.values(
+        ["filepath", "split", "ground_truth", "defect_type", "category"]
+    )
+    return [
+        ImageRecord(Path(p), s, (g.label if g else None), t, None, c)
+        for p, s, g, t, c in zip(paths, splits, truths, types, categories, strict=True)
+    ]
+
+
 def add_predictions(
     samples: fo.core.collections.SampleCollection,
     embedder: SimilarityEmbedder,
     media_dir: Path,
+    index: SimilarityIndex,
     batch_size: int = 16,
+    reembed_stale: bool = True,
     progress: ProgressCallback | None = None,
-) -> np.ndarray:
-    """(Re)compute predictions and embeddings of ``samples`` in place; returns the ``(N, D)`` vectors."""
+) -> IndexReport:
+    """(Re)compute the predictions of ``samples`` in place, their embeddings through the project ``index``.
+
+    Images the index holds for ``embedder.model_version`` are only predicted (heatmaps, masks) and get
+    the stored vector; the others are embedded once (:func:`update_index`, which keeps the predictions
+    of that pass) and written to the index. Returns the index update's report.
+    """
     ids, paths = samples.values("id"), samples.values("filepath")
-    vectors: list[np.ndarray] = []
+    digests = [content_hash(p) for p in paths]
     dataset = samples._dataset
-    for start in range(0, len(ids), batch_size):
-        chunk_paths = paths[start : start + batch_size]
-        result = embedder.embed(chunk_paths, keep_predictions=True)
-        for j, sample_id in enumerate(ids[start : start + batch_size]):
-            sample = dataset[sample_id]
-            stem = Path(chunk_paths[j]).stem + "_" + sample_id[-8:]
-            for key, value in prediction_fields(
-                result.predictions[j], stem, media_dir, embedder.model_version
-            ).items():
-                sample[key] = value
-            vector = result.vectors[j]
-            sample["embedding"] = None if np.isnan(vector).any() else vector
-            sample.save()
-            vectors.append(vector)
+    version = embedder.model_version
+    done: set[int] = set()
+
+    def store(i: int, prediction: Prediction, vector: np.ndarray | None) -> None:
+        sample = dataset[ids[i]]
+        stem = Path(paths[i]).stem + "_" + ids[i][-8:]
+        for key, value in prediction_fields(prediction, stem, media_dir, version).items():
+            sample[key] = value
+        sample[HASH_FIELD] = digests[i]
+        sample["embedding"] = None if vector is None or np.isnan(vector).any() else vector
+        sample.save()
+        done.add(i)
+
+    def embedded(chunk: list[int], result: EmbedResult) -> None:
+        for j, i in enumerate(chunk):
+            store(i, result.predictions[j], result.vectors[j])
+
+    index.mark_stale(version)
+    report = update_index(
+        index,
+        embedder,
+        sample_records(samples),
+        version,
+        reembed_stale=reembed_stale,
+        batch_size=batch_size,
+        progress=progress,
+        digests=digests,
+        on_embedded=embedded,
+    )
+    rest = [i for i in range(len(ids)) if i not in done]  # indexed already (or byte-identical copies)
+    stored = index.vectors([digests[i] for i in rest])
+    for start in range(0, len(rest), batch_size):
+        chunk = rest[start : start + batch_size]
+        for i, prediction in zip(chunk, embedder.predict([paths[i] for i in chunk]), strict=True):
+            found = stored.get(digests[i])
+            store(i, prediction, None if found is None else found[0])
         if progress:
-            progress("predict", min(start + batch_size, len(ids)), len(ids))
-    return np.stack(vectors) if vectors else np.zeros((0, 0), np.float32)
+            progress("predict", min(start + batch_size, len(rest)), len(rest))
+    return report
 
 
-def compute_brain_runs(
-    dataset: fo.Dataset, qdrant_path: Path | None = None, qdrant_url: str | None = None
-) -> dict[str, Any]:
-    """2-D visualisation and Qdrant similarity index from the ``embedding`` field (replacing old runs)."""
+def compute_brain_runs(dataset: fo.Dataset, index: SimilarityIndex) -> dict[str, Any]:
+    """2-D visualisation from the ``embedding`` field and the ``similarity`` run on the project ``index``
+    (replacing old runs; the index itself is kept)."""
     register_backend()
     view = dataset.exists("embedding")
     for key in (VISUALIZATION_KEY, SIMILARITY_KEY):
         if key in dataset.list_brain_runs():
             if key == SIMILARITY_KEY:
-                try:
+                try:  # a run on the project index leaves it alone; an older per-dataset one is dropped
                     dataset.load_brain_results(key).cleanup()
                 except Exception as error:  # a vanished collection must not block a rebuild
                     logger.warning("could not clean up similarity index: %s", error)
@@ -156,16 +206,23 @@ def compute_brain_runs(
     fob.compute_visualization(
         view, embeddings="embedding", method=method, brain_key=VISUALIZATION_KEY, num_dims=2, verbose=False
     )
-    options: dict[str, Any] = {"url": qdrant_url} if qdrant_url else {"path": str(qdrant_path)}
+    options: dict[str, Any] = {"url": index.url} if index.url else {"path": str(index.path)}
     fob.compute_similarity(
-        view,
-        embeddings="embedding",
+        dataset,
+        embeddings=False,  # nothing to add: the run reads the points update_index wrote
         backend=BACKEND_NAME,
         brain_key=SIMILARITY_KEY,
         metric="cosine",
+        collection_name=index.collection,
+        hash_field=HASH_FIELD,
         **options,
     )
-    return {"visualization": method, "similarity_backend": BACKEND_NAME, **options}
+    return {
+        "visualization": method,
+        "similarity_backend": BACKEND_NAME,
+        "collection": index.collection,
+        **options,
+    }
 
 
 def build_dataset(
@@ -181,8 +238,14 @@ def build_dataset(
     persistent: bool = True,
     overwrite: bool = True,
     progress: ProgressCallback | None = None,
+    index: SimilarityIndex | None = None,
 ) -> fo.Dataset:
-    """A FiftyOne dataset of ``data`` (a folder or records) with predictions, embeddings and brain runs."""
+    """A FiftyOne dataset of ``data`` (a folder or records) with predictions, embeddings and brain runs.
+
+    Embeddings go through ``project``'s similarity index (``index``, else the one at ``qdrant_url`` /
+    ``qdrant_path``, default ``QDRANT_URL`` / ``QDRANT_PATH``): what it holds for ``model_version`` is
+    reused, what is new is embedded and added. ``info["defect_assist"]["index"]`` reports the update.
+    """
     records = list(data) if not isinstance(data, str | Path) else walk_folder(data)
     if limit is not None:
         records = records[:limit]
@@ -193,10 +256,13 @@ def build_dataset(
             raise ValueError(f"dataset {name!r} exists")
         fo.delete_dataset(name)
     media = _media_dir(name, media_dir)
-    if qdrant_path is None and not qdrant_url:
-        from defect_assist.core.settings import get_settings
+    if index is None:
+        if qdrant_path is None and not qdrant_url:
+            from defect_assist.core.settings import get_settings
 
-        qdrant_path = get_settings().qdrant_path / "fiftyone"
+            settings = get_settings()
+            qdrant_path, qdrant_url = settings.qdrant_path, settings.qdrant_url or None
+        index = SimilarityIndex(project, path=qdrant_path, url=qdrant_url or None)
     dataset = fo.Dataset(name)
     dataset.persistent = persistent
     dataset.mask_targets = {"gt_mask": MASK_TARGETS, "pred_mask": MASK_TARGETS}
@@ -208,6 +274,7 @@ def build_dataset(
         ("model_version", fo.StringField),
         ("prediction_error", fo.StringField),
         ("ls_task_id", fo.IntField),
+        (HASH_FIELD, fo.StringField),
     ):
         dataset.add_sample_field(field_name, ftype)
     samples = []
@@ -220,8 +287,8 @@ def build_dataset(
         samples.append(sample)
     dataset.add_samples(samples, progress=False)
     embedder = SimilarityEmbedder(model, model_version)
-    add_predictions(dataset, embedder, media, progress=progress)
-    runs = compute_brain_runs(dataset, qdrant_path=qdrant_path, qdrant_url=qdrant_url)
+    report = add_predictions(dataset, embedder, media, index, progress=progress)
+    runs = compute_brain_runs(dataset, index)
     dataset.info = {
         "defect_assist": {
             "project": project,
@@ -230,6 +297,7 @@ def build_dataset(
             "embedding": EMBEDDING_NAME,
             "media_dir": str(media),
             "source": str(data) if isinstance(data, str | Path) else "",
+            "index": report.summary(),
             **runs,
         }
     }

@@ -134,6 +134,62 @@ class LabelStudioClient:
             page += 1
         return found
 
+    def task_ids(self, project: int | str, page_size: int = 500) -> list[int]:
+        """Ids of all tasks of a project (no task data)."""
+        ids: list[int] = []
+        page = 1
+        while True:
+            try:
+                data = self.get(
+                    "/api/tasks",
+                    project=project_id(project),
+                    page=page,
+                    page_size=page_size,
+                    fields="task_only",
+                )
+            except LabelStudioError as error:
+                if "404" in str(error):
+                    break
+                raise
+            batch = data.get("tasks", []) if isinstance(data, dict) else data
+            ids += [int(task["id"]) for task in batch]
+            if len(batch) < page_size:
+                break
+            page += 1
+        return ids
+
+    def predictions(self, project: int | str) -> list[dict[str, Any]]:
+        """Every prediction stored in a project (``id``, ``task``, ``model_version``, ``score`` …)."""
+        data = self.get("/api/predictions/", project=project_id(project))
+        return data if isinstance(data, list) else (data or {}).get("results", [])
+
+    def delete_prediction(self, prediction: int) -> None:
+        self.request("DELETE", f"/api/predictions/{prediction}/")
+
+    def ml_backends(self, project: int | str) -> list[dict[str, Any]]:
+        """The ML backends connected to a project."""
+        return self.get("/api/ml", project=project_id(project)) or []
+
+    def update_ml_backend(self, backend: int, **fields: Any) -> dict[str, Any]:
+        return self.request("PATCH", f"/api/ml/{backend}", json=fields)
+
+    def retrieve_predictions(self, project: int | str, task_ids: list[int] | None = None) -> Any:
+        """The Data Manager's *Retrieve predictions* on some (default all) tasks: LS calls the ML backend's
+        ``/setup`` then ``/predict`` and stores what it answers (it skips tasks that already carry a
+        prediction of the version ``/setup`` names)."""
+        pid = project_id(project)
+        selected = {"all": False, "included": task_ids} if task_ids else {"all": True, "excluded": []}
+        return self.request(
+            "POST",
+            "/api/dm/actions",
+            params={"id": "retrieve_tasks_predictions", "project": pid},
+            json={"project": pid, "selectedItems": selected},
+        )
+
+    def set_model_version(self, project: int | str, version: str) -> None:
+        """The project's model version: which predictions the Data Manager shows, scores and sorts by."""
+        self.request("PATCH", f"/api/projects/{project_id(project)}/", json={"model_version": version})
+
     def authorize_webhook(self, project: int | str, backend_url: str, user: str, password: str) -> int | None:
         """Add basic-auth headers to the webhook LS created for a backend (LS sends none by itself).
 

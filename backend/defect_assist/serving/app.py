@@ -7,6 +7,7 @@ credentials of the ML connection with each call.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
@@ -17,14 +18,37 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, status
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from starlette.routing import NoMatchFound
 
 from defect_assist.core.settings import Settings, get_settings
 from defect_assist.core.store import ModelStore
 from defect_assist.label_studio.client import LabelStudioClient, project_id
 from defect_assist.label_studio.label_config import LabelConfigError
+from defect_assist.serving.label_studio_sync import LabelStudioSync
 from defect_assist.serving.model import DefectModel, WebhookHandler
 
 logger = logging.getLogger(__name__)
+
+
+def _accepted(request: Request, action: str, answer: dict[str, Any] | None) -> dict[str, Any]:
+    """The webhook's answer; for a retrain: the job id as ``job`` (LS records it) and a progress URL."""
+    accepted: dict[str, Any] = {"status": "accepted", "action": action}
+    if answer and answer.get("job_id"):
+        job = str(answer["job_id"])
+        accepted |= {
+            "job": job,
+            "job_status": answer.get("status"),
+            "progress": _url_for(request, "job", job_id=job),
+        }
+    return accepted
+
+
+def _url_for(request: Request, name: str, **params: str) -> str | None:
+    """The URL of a named route when it is mounted (the worker's ``/jobs/{job_id}``), else None."""
+    try:
+        return str(request.url_for(name, **params))
+    except NoMatchFound:
+        return None
 
 
 def create_app(
@@ -46,6 +70,12 @@ def create_app(
             device=settings.device,
             webhook_handler=webhook_handler,
         )
+    sync = LabelStudioSync(
+        model.store,
+        model.client_for,
+        interval=settings.label_studio_sync_interval,
+        batch_size=settings.label_studio_predict_batch,
+    )
     user, password = settings.basic_auth_user, settings.basic_auth_pass
     basic = HTTPBasic(auto_error=False)
 
@@ -64,7 +94,10 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if settings.label_studio_sync:
+            sync.start()
         yield
+        sync.stop()
         model.close()
 
     app = FastAPI(
@@ -74,6 +107,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.model = model
+    app.state.label_studio_sync = sync
     app.state.started = time.time()
 
     @app.get("/")
@@ -83,6 +117,7 @@ def create_app(
             "status": "UP",
             "model_class": "DefectModel",
             "cached_models": [f"{p}/{v}" for p, v in model.cached()],
+            "shown_in_label_studio": dict(sync.shown),
         }
 
     @app.post("/setup")
@@ -99,6 +134,8 @@ def create_app(
         except (LabelConfigError, ValueError) as error:
             logger.error("setup rejected: %s", error)
             return JSONResponse({"status": "error", "error": str(error)}, status_code=400)
+        with contextlib.suppress(ValueError):
+            sync.poke(project_id(body.get("project")))
         return JSONResponse(answer)
 
     @app.post("/predict")
@@ -130,8 +167,10 @@ def create_app(
         except ValueError:
             raise HTTPException(400, "expected a JSON body") from None
         action = str(body.get("action", ""))
-        model.fit(action, body)
-        return {"status": "accepted", "action": action}
+        if action == "TASKS_CREATED":  # new tasks get the current version's predictions
+            with contextlib.suppress(ValueError):
+                sync.refresh(project_id(body.get("project")))
+        return _accepted(request, action, model.fit(action, body))
 
     @app.post("/train", status_code=201)
     async def train(request: Request) -> dict[str, Any]:
@@ -141,8 +180,7 @@ def create_app(
             payload = {"action": "START_TRAINING", "project": {"id": int(project_id(body.get("project")))}}
         except ValueError as error:
             raise HTTPException(400, str(error)) from None
-        model.fit("START_TRAINING", payload)
-        return {"status": "accepted", "action": "START_TRAINING"}
+        return _accepted(request, "START_TRAINING", model.fit("START_TRAINING", payload))
 
     @app.get("/versions")
     def versions(project: str | None = None) -> dict[str, Any]:

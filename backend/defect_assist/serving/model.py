@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from defect_assist.core.store import ModelStore
@@ -23,6 +24,7 @@ from defect_assist.label_studio.regions import prediction_regions
 logger = logging.getLogger(__name__)
 
 NO_MODEL_VERSION = "no-model"
+START_TRAINING_WAIT_S = 0.8  # Label Studio's webhook timeout is 1 s
 WebhookHandler = Callable[[dict[str, Any]], dict[str, Any]]
 
 
@@ -79,6 +81,12 @@ class DefectModel:
                     "project %s: loaded model %s in %.2fs", project, version, time.perf_counter() - started
                 )
         return version, model
+
+    def client_for(self, project: str) -> LabelStudioClient | None:
+        """The Label Studio client for a project: ``LABEL_STUDIO_API_KEY``, else the token /setup sent."""
+        if self.client.token:
+            return self.client
+        return self._project_clients.get(project)
 
     def cached(self) -> list[tuple[str, str]]:
         return sorted(self._models)
@@ -188,24 +196,37 @@ class DefectModel:
         }
 
     # ------------------------------------------------------------------ webhooks / fit
-    def fit(self, event: str, data: dict[str, Any], **_: Any) -> None:
-        """Accept a webhook at once; the worker's trigger logic runs in a background thread."""
+    def fit(self, event: str, data: dict[str, Any], **_: Any) -> dict[str, Any] | None:
+        """Accept a webhook at once; the worker's trigger logic runs in a background thread.
+
+        For ``START_TRAINING`` the answer (the job id, which Label Studio records for the *Start
+        training* button) is waited for up to ``START_TRAINING_WAIT_S``: requesting a retrain takes
+        milliseconds; a slow Redis only costs the answer its job id, never the request.
+        """
         project = data.get("project")
         if isinstance(project, dict):
             project = project.get("id")
         self.webhook_counts[f"{event}:{project}"] += 1
-        self._handoff.submit(self._hand_off, data)
+        future = self._handoff.submit(self._hand_off, data)
+        if event == "START_TRAINING" and self.handler is not None:
+            try:
+                return future.result(timeout=START_TRAINING_WAIT_S)
+            except FutureTimeout:
+                logger.warning("START_TRAINING: no job id within %.1fs", START_TRAINING_WAIT_S)
+        return None
 
-    def _hand_off(self, payload: dict[str, Any]) -> None:
+    def _hand_off(self, payload: dict[str, Any]) -> dict[str, Any] | None:
         handler = self.handler
         if handler is None:
-            return
+            return None
         try:
             answer = handler(payload)
-            logger.info("webhook %s → %s", payload.get("action"), answer)
-            self.webhook_results.append(answer)
         except Exception:
             logger.exception("webhook %s hand-off failed", payload.get("action"))
+            return None
+        logger.info("webhook %s → %s", payload.get("action"), answer)
+        self.webhook_results.append(answer)
+        return answer
 
     def close(self) -> None:
         self._fetch.shutdown(wait=False, cancel_futures=True)

@@ -3,7 +3,8 @@
 ``POST /similar`` with a multipart image upload (field ``image``) or ``GET /similar?path=...`` (an
 image file visible to the server); query parameters ``project`` and ``k``. Returns the query's
 score/verdict and its neighbours (similarity, path, split, label, defect type, score, LS task id,
-model version, stale flag).
+model version, stale flag). 404 for an unknown project or an empty index, 422 for an unreadable image,
+503 (``Retry-After``) while another process holds the index's embedded storage.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, HTTPException, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
-from defect_assist.similarity.index import query_similar
+from defect_assist.similarity.indexing import query_similar
+from defect_assist.similarity.local_storage import IndexBusyError
 
 router = APIRouter(tags=["similarity"])
-_lock = threading.Lock()  # embedded Qdrant storage admits one client at a time
+_lock = threading.Lock()  # one request at a time: each loads the model and opens the index
+RETRY_AFTER_S = 5  # told to a client whose request found the embedded storage held by another process
 
 
 def _search(image: Path, project: str, k: int, exclude_self: bool = True) -> dict[str, Any]:
@@ -32,14 +35,17 @@ def _search(image: Path, project: str, k: int, exclude_self: bool = True) -> dic
         except StoreError as error:
             raise HTTPException(404, str(error)) from error
         try:
-            if not context.index.count():
-                raise HTTPException(404, f"the similarity index of project {project!r} is empty")
-            try:
-                query, neighbours = query_similar(
-                    context.index, context.embedder, image, k=k, exclude_self=exclude_self
-                )
-            except ValueError as error:
-                raise HTTPException(422, str(error)) from error
+            with context.index.session():  # embedded storage opened once for the count and the query
+                if not context.index.count():
+                    raise HTTPException(404, f"the similarity index of project {project!r} is empty")
+                try:
+                    query, neighbours = query_similar(
+                        context.index, context.embedder, image, k=k, exclude_self=exclude_self
+                    )
+                except ValueError as error:
+                    raise HTTPException(422, str(error)) from error
+        except IndexBusyError as error:
+            raise HTTPException(503, str(error), headers={"Retry-After": str(RETRY_AFTER_S)}) from error
         finally:
             context.close()
     return {

@@ -1,14 +1,22 @@
-"""Similarity commands: ``defect-assist index`` and ``defect-assist similar``."""
+"""Similarity commands: ``defect-assist index`` and ``defect-assist similar``.
+
+Both use the project's one similarity index (``QDRANT_URL``, else embedded storage under
+``QDRANT_PATH``), the same one the backend's ``/similar`` route and ``defect-assist fiftyone`` use.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from defect_assist.similarity.index import Neighbour, SimilarityIndex
 
 console = Console(stderr=True)
 out = Console()
@@ -18,6 +26,17 @@ ModelDirOpt = Annotated[Path | None, typer.Option(help="Model store root (defaul
 QdrantPathOpt = Annotated[Path | None, typer.Option(help="Embedded Qdrant storage (default QDRANT_PATH).")]
 QdrantUrlOpt = Annotated[str | None, typer.Option(help="Qdrant server URL (default QDRANT_URL).")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda …")]
+
+
+def _check_free(index: SimilarityIndex) -> int:
+    """The index's point count; a clear error (not a traceback) when another process holds its storage."""
+    from defect_assist.similarity.local_storage import IndexBusyError
+
+    try:
+        return index.count()
+    except IndexBusyError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(1) from error
 
 
 def index(
@@ -35,7 +54,7 @@ def index(
 ) -> None:
     """Build or update the similarity index of a folder with the project's current model."""
     from defect_assist.core.progress import RichProgress
-    from defect_assist.similarity.index import update_index
+    from defect_assist.similarity.indexing import update_index
     from defect_assist.similarity.mvtec import walk_folder
     from defect_assist.similarity.service import open_context
 
@@ -44,6 +63,7 @@ def index(
         raise typer.BadParameter(f"no images in {data}")
     context = open_context(project, model_dir, qdrant_path, qdrant_url, device=device)
     try:
+        _check_free(context.index)
         stale = context.index.mark_stale(context.model_version)
         if stale:
             console.print(f"{stale} indexed image(s) were embedded by another model version")
@@ -76,14 +96,15 @@ def similar(
     device: DeviceOpt = "auto",
 ) -> None:
     """Nearest neighbours of an image in the project's index, with similarity, labels and scores."""
-    from defect_assist.similarity.index import query_similar
+    from defect_assist.similarity.indexing import query_similar
     from defect_assist.similarity.service import open_context
 
     context = open_context(project, model_dir, qdrant_path, qdrant_url, device=device)
     try:
-        if not context.index.count():
+        if not _check_free(context.index):
             raise typer.BadParameter(
-                f"the index of project {project!r} is empty; run `defect-assist index` first"
+                f"the index of project {project!r} is empty; run `defect-assist index` "
+                "(or `defect-assist fiftyone`) first"
             )
         query, neighbours = query_similar(context.index, context.embedder, image, k=k)
     finally:
@@ -102,21 +123,26 @@ def similar(
     console.print(
         f"query {image}: score {query['score']:.3f} ({'anomalous' if query['is_anomalous'] else 'normal'})"
     )
-    table = Table("#", "similarity", "label", "defect type", "score", "split", "path")
+    print_neighbours(neighbours)
+
+
+def print_neighbours(neighbours: list[Neighbour], console: Console = out) -> None:
+    """The ``similar`` table, paths whole at any width (folded when narrow; see :func:`print_table`)."""
+    from defect_assist.core.progress import print_table
+
+    table = Table(
+        "#", "similarity", "label", "defect type", "score", "split", Column("path", overflow="fold")
+    )
+    narrow = Table("#", "similarity / score", "label / defect type / split", Column("path", overflow="fold"))
     for rank, n in enumerate(neighbours, 1):
         p = n.payload
         score = "-" if p.get("score") is None else f"{p['score']:.3f}"
         stale = " (stale)" if p.get("stale") else ""
-        table.add_row(
-            str(rank),
-            f"{n.similarity:.4f}",
-            str(p.get("label")),
-            str(p.get("defect_type")),
-            score,
-            str(p.get("split")),
-            str(p.get("path")) + stale,
-        )
-    out.print(table)
+        similarity, path = f"{n.similarity:.4f}", str(p.get("path")) + stale
+        label, defect, split = (str(p.get(key)) for key in ("label", "defect_type", "split"))
+        table.add_row(*map(Text, (str(rank), similarity, label, defect, score, split, path)))
+        narrow.add_row(*map(Text, (str(rank), f"{similarity}\n{score}", f"{label}\n{defect}\n{split}", path)))
+    print_table(console, table, narrow)
 
 
 def register(app: typer.Typer) -> None:

@@ -87,6 +87,10 @@ class SimilarityEmbedder:
         self.batch_size = batch_size
         self.weights = weights or WEIGHTS
 
+    def predict(self, images: Sequence[ImageSource]) -> list[Prediction]:
+        """The model's predictions only (no embedding pass): for images whose vector is indexed already."""
+        return self.model.predict(list(images), batch_size=self.batch_size)
+
     def embed(self, images: Sequence[ImageSource], keep_predictions: bool = False) -> EmbedResult:
         """Embeddings, scores and errors (two passes: ``predict`` and ``embed_images``).
 
