@@ -20,6 +20,17 @@ CHROMIUM_FLAGS = [
 ]
 
 
+def log_in_to_label_studio(page: Any, url: str) -> None:
+    """Log ``page`` in to the Label Studio at ``url`` as the tests' admin user."""
+    from defect_assist_tools.local_label_studio import PASSWORD, USER
+
+    page.goto(f"{url}/user/login/")
+    page.fill("input[name=email]", USER)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(lambda current: "/user/login" not in current, timeout=60_000)
+
+
 @contextmanager
 def headless_browser() -> Iterator[Any]:
     """A Playwright ``Browser`` on Debian's chromium; skips the test when chromium is not installed."""

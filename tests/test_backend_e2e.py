@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 import uvicorn
-from browser import headless_browser
-from label_studio_server import PASSWORD, USER, LabelStudioProject, free_port
+from browser import headless_browser, log_in_to_label_studio
+from label_studio_server import LabelStudioProject, free_port
 from PIL import Image
 
 from defect_assist.core.settings import Settings
@@ -201,11 +201,7 @@ def test_labeling_page_screenshot(label_studio_project: LabelStudioProject, back
     target = artifacts / "label-studio-prediction.png"
     with headless_browser() as browser:
         page = browser.new_page(viewport={"width": 1440, "height": 900})
-        page.goto(f"{ls.url}/user/login/")
-        page.fill("input[name=email]", USER)
-        page.fill("input[name=password]", PASSWORD)
-        page.click("button[type=submit]")
-        page.wait_for_url(lambda url: "/user/login" not in url, timeout=60_000)
+        log_in_to_label_studio(page, ls.url)
         page.goto(f"{ls.url}/projects/{label_studio_project.id}/data?task={task['id']}")
         page.wait_for_selector("canvas", timeout=90_000)
         page.wait_for_timeout(4000)  # image decode + brush layer

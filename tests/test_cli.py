@@ -113,6 +113,21 @@ def test_evaluate_writes_literature_metrics(tiny_mvtec: Path, tmp_path: Path) ->
     assert 0.5 < tile["image_auroc"] <= 1.0  # large defects: better than chance even on 14 normals
     assert 0.5 < tile["pixel_auroc"] <= 1.0
     assert 0.0 <= tile["pixel_aupro"] <= 1.0
+    served = tile["served"]  # what annotators see at the served thresholds
+    assert served["tp"] + served["fn"] == 6 and served["n_images"] == 12
+    assert 0.0 <= served["mean_dice"] <= 1.0 and served["n_masked_defects"] == 6
+    assert set(served["per_defect_type"]) == {"break", "uneven"}
+    assert set(results["mean"]["served"]) >= {"precision", "recall", "mean_dice", "normals_with_mask"}
+
+
+def test_evaluate_splits_test_into_fixed_halves(tiny_mvtec: Path) -> None:
+    from defect_assist.core.evaluation import load_category, split_of
+
+    test = load_category(tiny_mvtec).test
+    halves = {name: [t.path.name for t in test if split_of(t) == name] for name in ("validation", "holdout")}
+    assert halves["validation"] and halves["holdout"]
+    assert sorted(halves["validation"] + halves["holdout"]) == sorted(t.path.name for t in test)
+    assert halves == {name: [t.path.name for t in test if split_of(t) == name] for name in halves}  # stable
 
 
 def test_evaluate_root_of_categories(tiny_mvtec: Path, tmp_path: Path) -> None:
@@ -163,7 +178,7 @@ def _jobs() -> list[dict]:
 
     return [
         job(JOB_ID, "finished", "done", 100.0, eta_s=0.0, mode="incremental", version=VERSION)
-        | {"current": False, "check_reason": REASON},
+        | {"current": False, "made_current": False, "check_reason": REASON},
         job("0b1c2d3e-4f5a-4b6c-8d7e-9f0a1b2c3d4e", "started", "features", 45.3, eta_s=121.0, mode="full"),
         job("9a8b7c6d-5e4f-4a3b-9c2d-1e0f9a8b7c6d", "failed", "fetch", 2.0, error=ERROR),
     ]

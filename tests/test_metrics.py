@@ -89,3 +89,35 @@ def test_pixel_auroc_matches_sklearn_on_maps() -> None:
     maps = rng.random((4, 32, 32)) + masks * 0.5
     fpr, tpr, _ = roc_curve(masks.ravel(), maps.ravel())
     assert image_auroc(maps.ravel(), masks.ravel()) == pytest.approx(np.trapezoid(tpr, fpr), abs=1e-5)
+
+
+def test_served_metrics_on_hand_checked_masks() -> None:
+    from defect_assist.core.served_metrics import ServedImage, dice_iou, served_metrics
+
+    empty = np.zeros((4, 4), bool)
+    truth = empty.copy()
+    truth[0, :2] = True  # 2 defect pixels
+    half = empty.copy()
+    half[0, 1:3] = True  # 1 of them + 1 outside: Dice 2·1/(2+2) = 0.5, IoU 1/3
+    assert dice_iou(half, truth) == pytest.approx((0.5, 1 / 3))
+    assert dice_iou(empty, empty) == (1.0, 1.0)
+    images = [
+        ServedImage("crack", True, truth.copy(), truth),  # caught, exact mask
+        ServedImage("crack", True, empty, truth),  # anomalous verdict without a mask: Dice 0
+        ServedImage("fray", False, half, truth),  # missed verdict, but a mask (Dice 0.5)
+        ServedImage("good", False, empty, None),
+        ServedImage("good", True, half, None),  # false alarm with a mask
+    ]
+    report = served_metrics(images)
+    assert (report["tp"], report["fp"], report["fn"]) == (2, 1, 1)
+    assert report["precision"] == pytest.approx(2 / 3) and report["recall"] == pytest.approx(2 / 3)
+    assert report["f1"] == pytest.approx(2 / 3)
+    assert report["mean_dice"] == pytest.approx((1.0 + 0.0 + 0.5) / 3)
+    assert report["mean_iou"] == pytest.approx((1.0 + 0.0 + 1 / 3) / 3)
+    assert report["share_dice_ge_0_5"] == pytest.approx(2 / 3)
+    assert report["normals_with_mask"] == 0.5
+    assert (report["anomalous_without_mask"], report["normal_with_mask"]) == (1, 1)
+    assert report["per_defect_type"]["crack"]["recall"] == 1.0
+    assert report["per_defect_type"]["fray"] == pytest.approx(
+        {"n": 1, "recall": 0.0, "mean_dice": 0.5, "mean_iou": 1 / 3, "share_dice_ge_0_5": 1.0}
+    )

@@ -218,9 +218,8 @@ def test_start_training_after_three_normals_keeps_the_folder_model(stack, magnet
 
 def _screenshot_data_manager(server, project: int, top_score: float) -> None:
     """What an annotator sees: the demo's *By anomaly score* tab, highest score first (artifacts/)."""
-    from browser import headless_browser
+    from browser import headless_browser, log_in_to_label_studio
 
-    from defect_assist_tools.local_label_studio import PASSWORD, USER
     from defect_assist_tools.stack_label_studio import score_sorted_tab
 
     tab = score_sorted_tab(server.client, project)
@@ -228,11 +227,7 @@ def _screenshot_data_manager(server, project: int, top_score: float) -> None:
     target.parent.mkdir(exist_ok=True)
     with headless_browser() as browser:
         page = browser.new_page(viewport={"width": 1440, "height": 900})
-        page.goto(f"{server.url}/user/login/")
-        page.fill("input[name=email]", USER)
-        page.fill("input[name=password]", PASSWORD)
-        page.click("button[type=submit]")
-        page.wait_for_url(lambda url: "/user/login" not in url, timeout=60_000)
+        log_in_to_label_studio(page, server.url)
         page.goto(f"{server.url}/projects/{project}/data?tab={tab}")
         page.wait_for_selector(".dm-table__row-wrapper, [class*=row-wrapper]", timeout=90_000)
         page.wait_for_timeout(2000)

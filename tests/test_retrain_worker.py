@@ -160,6 +160,10 @@ def test_retrains_keep_earlier_normals_and_poison_stays_a_candidate(worker_env, 
         assert candidate.status == "candidate" and candidate.candidate_reason == third["check_reason"]
         listed = {j["id"]: j for j in list_jobs(connection, PROJECT)}[job.id]
         assert listed["current"] is False and listed["check_reason"] == third["check_reason"]
+        assert listed["made_current"] is False
+        earlier = {j["version"]: j for j in list_jobs(connection, PROJECT) if j["version"]}
+        assert earlier[v2.version]["current"] is True  # still serving
+        assert earlier[v1.version]["current"] is False and earlier[v1.version]["made_current"] is True
         versions = CliRunner().invoke(cli, ["versions", "--project", PROJECT, "--json"])
         assert [(v["version"], v["status"]) for v in json.loads(versions.stdout)] == [
             ("v0001-patchcore", "previous"),

@@ -117,9 +117,11 @@ def test_stack_killed_mid_training_comes_back_with_one_model_and_label_studio(
     versions = ModelStore(tmp_path / "models").versions(project.group(1))
     assert [v.version for v in versions] == [project.group(2)]  # the interrupted job ran once, no duplicate
 
-    answers = re.findall(r"/predict (\w+)/\S+: score ([0-9.]+) \((\S+)\)", output)
+    answers = re.findall(r"/predict (\w+)/\S+: score ([0-9.]+), (normal|anomalous) \(([^;]+);", output)
     assert len(answers) == 2 and answers[0][0] == "good", output[-3000:]  # a normal and a defect image
-    assert all(0.0 <= float(score) <= 1.0 and version == project.group(2) for _, score, version in answers)
+    for _, score, verdict, version in answers:
+        assert 0.0 <= float(score) <= 1.0 and version == project.group(2)
+        assert verdict == ("anomalous" if float(score) >= 0.5 else "normal")
 
     predicted = re.search(r"project \d+: (\d+)/(\d+) task\(s\) carry predictions of (\S+)", output)
     assert predicted, output[-3000:]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from typing import Annotated
 
 import typer
@@ -40,9 +41,12 @@ def main_callback(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if not verbose:  # one line per HTTP call is noise on a console
-        for name in ("httpx", "httpcore"):
+    if not verbose:  # one line per HTTP call, faiss's loader and deprecations of libraries: noise
+        for name in ("httpx", "httpcore", "faiss.loader"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        for module in ("timm", "anomalib", "lightning", "torchvision"):
+            warnings.filterwarnings("ignore", category=FutureWarning, module=rf"{module}(\.|$)")
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=rf"{module}(\.|$)")
 
 
 training_commands.register(app)

@@ -167,6 +167,8 @@ def start_label_studio(
         "SSRF_PROTECTION_ENABLED": "false",
         "LATEST_VERSION_CHECK": "false",
         "COLLECT_ANALYTICS": "false",
+        "SENTRY_DSN": "",  # offline: no error reports to Sentry (LS's default DSN), server or browser
+        "FRONTEND_SENTRY_DSN": "",
         "PYTHONUNBUFFERED": "1",
     }
     server = LabelStudioServer(f"http://127.0.0.1:{port}", TOKEN, data_dir, log_file)

@@ -75,10 +75,15 @@ class Stack:
         print(f"[stack] {message}", flush=True)
 
     # ------------------------------------------------------------------ processes
-    def spawn(self, name: str, command: list[str], env: dict[str, str]) -> Child:
+    @property
+    def log_dir(self) -> Path:
+        """Where every part logs (``var/stack/logs``): the console stays for progress and URLs."""
         logs = self.options.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        log = logs / f"{name}.log"
+        return logs
+
+    def spawn(self, name: str, command: list[str], env: dict[str, str]) -> Child:
+        log = self.log_dir / f"{name}.log"
         with open(log, "ab") as handle:
             process = subprocess.Popen(
                 command, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
@@ -247,9 +252,10 @@ def _smoke_predict(stack: Stack, backend_url: str) -> None:
         .json()
     )
     for path, result in zip(samples, answer["results"], strict=True):
+        choices = [r["value"]["choices"][0] for r in result.get("result", []) if r.get("type") == "choices"]
         stack.lines.append(
-            f"/predict {path.parent.name}/{path.name}: score {result.get('score', float('nan')):.3f} "
-            f"({result.get('model_version')})"
+            f"/predict {path.parent.name}/{path.name}: score {result.get('score', float('nan')):.3f}, "
+            f"{choices[0] if choices else 'no verdict'} ({result.get('model_version')}; anomalous from 0.5)"
         )
 
 
@@ -266,6 +272,7 @@ def run_stack(options: StackOptions) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
     try:
         if settings.redis_url:
             redis_url = settings.redis_url
@@ -320,7 +327,7 @@ def run_stack(options: StackOptions) -> int:
         print(f"  model          project {stack.project}, version {version} ({settings.model_dir})")
         print(f"  ML backend     {backend_url}  (/health /setup /predict /webhook /versions /retrain /jobs)")
         print(f"  redis + worker {redis_url}, queue defect-assist-retrain")
-        print(f"  retrain jobs   {backend_url}/jobs  (stage, %, ETA; also `defect-assist jobs`)")
+        print(f"  retrain jobs   {backend_url}/jobs  (JSON: stage, %, ETA; also `defect-assist jobs`)")
         if stack.label_studio is not None:
             from defect_assist_tools.local_label_studio import PASSWORD, USER
 

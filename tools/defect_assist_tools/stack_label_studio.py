@@ -35,16 +35,16 @@ def start_demo_label_studio(stack: Stack) -> None:
 
     options = stack.options
     executable = _install_label_studio(stack)
-    stack.say("starting Label Studio (first start of a data dir: ~30 s)")
     home = options.state_dir / "label-studio"
     data_dir = home / "data"
     if not (data_dir / "label_studio.sqlite3").exists():
+        stack.say("preparing Label Studio's database (first run only: a minute or two)")
         shutil.rmtree(data_dir, ignore_errors=True)
         shutil.copytree(template_data_dir(executable), data_dir)
+    stack.say("starting Label Studio")
     document_root = options.data.resolve().parent
-    server = start_label_studio(
-        executable, home, data_dir, options.label_studio_port, home / "label-studio.log", document_root
-    )
+    log = stack.log_dir / "label-studio.log"
+    server = start_label_studio(executable, home, data_dir, options.label_studio_port, log, document_root)
     stack.label_studio = server
     client = server.client
     projects = client.get("/api/projects", page_size=1000)

@@ -60,8 +60,10 @@ def job_tables(found: list[dict[str, Any]]) -> tuple[Table, Table]:
         Column("reason / error", overflow="fold"),
     )
     for job in found:
-        current = {True: "yes", False: "candidate"}.get(job["current"], "")
-        reason = job["check_reason"] if job["current"] is False else job["reason"]
+        made, now = job.get("made_current"), job["current"]
+        later = "no (later version)" if now is False else ""
+        current = "yes" if now else "candidate" if made is False else later
+        reason = job["check_reason"] if made is False else job["reason"]
         reason = _cell(job["error"] or reason)
         percent = "" if job["percent"] is None else f"{job['percent']:.0f}"
         eta = "" if job["eta_s"] is None else f"{job['eta_s']:.0f}"

@@ -31,7 +31,8 @@ def describe_job(job: Job) -> dict[str, Any]:
         "eta_s": meta.get("eta_s"),
         "mode": meta.get("mode"),
         "version": meta.get("version"),
-        "current": meta.get("current"),  # False: the version is a candidate (check_reason says why)
+        "made_current": meta.get("current"),  # False: kept as a candidate (check_reason says why)
+        "current": meta.get("current"),  # whether the version is current *now* (see list_jobs)
         "check_reason": meta.get("check_reason"),
         "error": meta.get("error"),
         "enqueued_at": job.enqueued_at.isoformat() if job.enqueued_at else None,
@@ -48,6 +49,15 @@ def describe_job(job: Job) -> dict[str, Any]:
     elif str(info["status"]) == "finished":
         info["result"] = job.return_value()
     return info
+
+
+def _current_versions(projects: set[str]) -> dict[str, str | None]:
+    """The store's current version of each project (what serves now)."""
+    from defect_assist.core.settings import get_settings
+    from defect_assist.core.store import ModelStore
+
+    store = ModelStore(get_settings().model_dir)
+    return {project: store.current_version(project) for project in projects}
 
 
 def list_jobs(connection: redis.Redis, project: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
@@ -68,5 +78,9 @@ def list_jobs(connection: redis.Redis, project: str | None = None, limit: int = 
     described = [describe_job(job) for job in jobs]
     if project is not None:
         described = [d for d in described if str(d["project"]) == str(project)]
+    serving = _current_versions({str(d["project"]) for d in described if d["version"]})
+    for info in described:
+        if info["version"] and info["made_current"] is not None:  # a later version or a rollback moves it
+            info["current"] = serving.get(str(info["project"])) == info["version"]
     described.sort(key=lambda d: d["enqueued_at"] or d["started_at"] or "", reverse=True)
     return described[:limit]

@@ -12,8 +12,9 @@ class Calibration:
     """Thresholds and the logistic normalisation ``sigmoid((raw - threshold) / scale)``.
 
     Rule (normal-only data): the image threshold is the ``image_quantile`` quantile of raw scores of
-    held-out normal images; the pixel threshold is the ``pixel_quantile`` quantile of their anomaly-map
-    values. Scales are the distance from the median to the threshold divided by 3, so a median
+    held-out normal images (models default to 0.90: recall over a 1-in-10 false alarm on normals);
+    the pixel threshold is the ``pixel_quantile`` quantile of their anomaly-map values. Scales are
+    the distance from the median to the threshold divided by 3, so a median
     normal maps to sigmoid(-3) ≈ 0.05.
     """
 

@@ -74,9 +74,13 @@ def evaluate(
     category: Annotated[list[str] | None, typer.Option(help="Only these categories.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda …")] = "auto",
     max_train: Annotated[int | None, typer.Option(help="Use at most N training images (subsample).")] = None,
+    split: Annotated[
+        str,
+        typer.Option(help="all | validation | holdout: fixed halves of test/ (choose on one, report on one)"),
+    ] = "all",
 ) -> None:
-    """Train on train/good, test on test/: image/pixel AUROC, F1, AUPRO per category and mean."""
-    from defect_assist.core.evaluation import evaluate_dataset, results_table
+    """Train on train/good, test on test/: AUROC, AUPRO, and what is served (verdict P/R/F1, mask Dice)."""
+    from defect_assist.core.evaluation import evaluate_dataset, results_tables
 
     with RichProgress() as progress:
         results = evaluate_dataset(
@@ -87,8 +91,10 @@ def evaluate(
             categories=category,
             max_train=max_train,
             progress=progress,
+            split=split,
         )
-    out.print(results_table(results))
+    for table in results_tables(results):
+        print_table(out, table)
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(results, indent=2))

@@ -13,6 +13,7 @@ defect). Normal test images have all-zero masks.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
@@ -30,6 +31,7 @@ from torch.nn import functional as F
 from defect_assist.core.images import IMAGE_EXTENSIONS
 from defect_assist.core.models.registry import create_model, model_class
 from defect_assist.core.progress import ProgressCallback
+from defect_assist.core.served_metrics import ServedImage, served_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ METRIC_KEYS = (
     "fit_seconds",
     "images_per_second",
 )
+SERVED_KEYS = ("precision", "recall", "f1", "mean_dice", "mean_iou", "share_dice_ge_0_5", "normals_with_mask")
+SPLITS = ("all", "validation", "holdout")
 
 
 @dataclass
@@ -62,6 +66,13 @@ class Category:
     root: Path
     train: list[Path]
     test: list[TestImage] = field(default_factory=list)
+
+
+def split_of(image: TestImage) -> str:
+    """``validation`` or ``holdout``: a fixed half of each defect type by file name (choose settings on
+    the validation half, report on the holdout half; neither depends on scores or order)."""
+    digest = hashlib.sha1(f"{image.defect_type}/{image.path.name}".encode()).digest()
+    return "validation" if digest[0] % 2 == 0 else "holdout"
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -170,26 +181,35 @@ def evaluate_category(
     max_train: int | None = None,
     progress: ProgressCallback | None = None,
     seed: int = 0,
+    split: str = "all",
 ) -> dict[str, Any]:
-    """Fit on the category's normals and compute every metric on its test set."""
+    """Fit on the category's normals and compute every metric on its test set (or one half of it)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     train = list(category.train)
+    tests = [t for t in category.test if split == "all" or split_of(t) == split]
     if max_train and len(train) > max_train:
         train = sorted(random.Random(seed).sample(train, max_train))
     model = create_model(model_kind, device=device, **options)
     report = model.fit(train, progress=progress, seed=seed)
     started = time.perf_counter()
-    predictions = model.predict([t.path for t in category.test], progress=progress)
+    predictions = model.predict([t.path for t in tests], progress=progress)
     infer_seconds = time.perf_counter() - started
 
     labels, raw_scores, verdicts, maps, masks = [], [], [], [], []
-    for test, prediction in zip(category.test, predictions, strict=True):
+    served: list[ServedImage] = []
+    kept: list[TestImage] = []  # the test image of each ``served`` entry
+    for test, prediction in zip(tests, predictions, strict=True):
         if not prediction.ok:
             logger.warning("skipping unreadable test image %s", prediction.error)
             continue
+        kept.append(test)
         labels.append(int(test.is_anomalous))
         raw_scores.append(prediction.raw_score)
         verdicts.append(int(prediction.is_anomalous))
+        served_mask = resize_for_eval(prediction.mask, is_mask=True).bool().numpy()
         if test.is_anomalous and test.mask_path is None:
+            served.append(ServedImage(test.defect_type, prediction.is_anomalous, served_mask, None))
             continue
         height, width = prediction.anomaly_map.shape
         mask = read_mask(test.mask_path) if test.mask_path else np.zeros((height, width), bool)
@@ -197,6 +217,7 @@ def evaluate_category(
             mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
         maps.append(resize_for_eval(prediction.anomaly_map, is_mask=False))
         masks.append(resize_for_eval(mask, is_mask=True).bool())
+        served.append(ServedImage(test.defect_type, prediction.is_anomalous, served_mask, masks[-1].numpy()))
 
     labels_np, scores_np = np.asarray(labels), np.asarray(raw_scores)
     config = model.config.to_dict()
@@ -213,6 +234,14 @@ def evaluate_category(
         "n_holdout": report.n_holdout,
         "n_test": len(labels),
         "n_test_anomalous": int(labels_np.sum()),
+        "split": split,
+        "served": served_metrics(served),
+        "served_by_split": {
+            name: served_metrics([s for s, t in zip(served, kept, strict=True) if split_of(t) == name])
+            for name in SPLITS[1:]
+        }
+        if split == "all"
+        else {},
         "fit_details": report.details,
         "model_config": {k: v for k, v in config.items() if isinstance(v, str | int | float | list)},
     }
@@ -232,6 +261,7 @@ def evaluate_dataset(
     categories: list[str] | None = None,
     max_train: int | None = None,
     progress: ProgressCallback | None = None,
+    split: str = "all",
 ) -> dict[str, Any]:
     """Evaluate every category under ``data``; returns the JSON structure the CLI writes."""
     options = options or {}
@@ -246,13 +276,18 @@ def evaluate_dataset(
             "evaluating %s: %d train, %d test images", category.name, len(category.train), len(category.test)
         )
         per_category[category.name] = evaluate_category(
-            category, model_kind, options, device, max_train, progress
+            category, model_kind, options, device, max_train, progress, split=split
         )
     mean = {
         key: float(np.nanmean([r[key] for r in per_category.values()]))
         if any(not math.isnan(r[key]) for r in per_category.values())
         else math.nan
         for key in METRIC_KEYS
+    }
+    mean["served"] = {
+        key: float(np.nanmean(values)) if not all(math.isnan(v) for v in values) else math.nan
+        for key in SERVED_KEYS
+        if (values := [r["served"][key] for r in per_category.values()])
     }
     fitted = [r["model_config"] for r in per_category.values() if r.get("model_config")]
     config = fitted[0] if fitted else model_class(model_kind).config_class.from_options(options).to_dict()
@@ -264,24 +299,35 @@ def evaluate_dataset(
         "image_size": config.get("image_size", ""),
         "options": options,
         "pixel_eval": f"{EVAL_SIZE}x{EVAL_SIZE}, mask > 0",
+        "split": split,
     }
 
 
-def results_table(results: dict[str, Any]) -> Table:
-    """A rich table: one row per category plus the mean."""
-    table = Table(title=f"{results['model']} ({results['backbone']}, {results['image_size']} px)")
-    columns = ("image AUROC", "pixel AUROC", "image F1", "F1 max", "pixel AUPRO", "fit s", "img/s")
-    table.add_column("category")
-    for column in columns:
-        table.add_column(column, justify="right")
+def results_tables(results: dict[str, Any]) -> tuple[Table, Table]:
+    """Two rich tables, one row per category plus the mean: how the scores rank (AUROC, AUPRO, F1-max,
+    speed), and what is served at the thresholds (verdict precision/recall/F1, mask Dice and IoU)."""
+    split = "" if results.get("split", "all") == "all" else f", {results['split']} half of test/"
+    title = f"{results['model']} ({results['backbone']}, {results['image_size']} px{split})"
+    ranking = Table(title=f"{title}: ranking")
+    served = Table(title=f"{title}: served at the thresholds")
+    ranking.add_column("category")
+    served.add_column("category")
+    for column in ("image AUROC", "pixel AUROC", "F1 max", "pixel AUPRO", "fit s", "img/s"):
+        ranking.add_column(column, justify="right")
+    for column in ("precision", "recall", "F1", "mask Dice", "IoU", "Dice≥0.5", "normals masked"):
+        served.add_column(column, justify="right")
 
-    def row(name: str, values: dict[str, Any], style: str | None = None) -> None:
-        cells = [f"{values[k]:.3f}" if not math.isnan(values[k]) else "-" for k in METRIC_KEYS[:5]]
-        cells += [f"{values['fit_seconds']:.1f}", f"{values['images_per_second']:.1f}"]
-        table.add_row(name, *cells, style=style)
+    def number(value: float) -> str:
+        return "-" if math.isnan(value) else f"{value:.3f}"
+
+    def rows(name: str, values: dict[str, Any], style: str | None = None) -> None:
+        keys = ("image_auroc", "pixel_auroc", "image_f1_max", "pixel_aupro")
+        speed = [f"{values['fit_seconds']:.1f}", f"{values['images_per_second']:.1f}"]
+        ranking.add_row(name, *[number(values[k]) for k in keys], *speed, style=style)
+        served.add_row(name, *[number(values["served"].get(k, math.nan)) for k in SERVED_KEYS], style=style)
 
     for name, values in results["categories"].items():
-        row(name, values)
+        rows(name, values)
     if len(results["categories"]) > 1:
-        row("mean", results["mean"], style="bold")
-    return table
+        rows("mean", results["mean"], style="bold")
+    return ranking, served

@@ -164,7 +164,11 @@ class AnomalyModel(ABC):
         calibration_set = holdout or train
         scores, maps = self._raw_outputs(calibration_set, batch_size, progress, stage="calibrate")
         self.calibration = Calibration.from_normals(
-            scores, maps, source="held-out normals" if holdout else "training normals (fewer than 10 images)"
+            scores,
+            maps,
+            image_quantile=self.config.image_quantile,
+            pixel_quantile=self.config.pixel_quantile,
+            source="held-out normals" if holdout else "training normals (fewer than 10 images)",
         )
         if holdout and self.supports_incremental:
             details |= {

@@ -14,6 +14,10 @@ class ModelConfig:
     backbone: str = "tf_efficientnet_lite1"
     image_size: int | None = 256
     resize: str = "letterbox"  # letterbox | squash (see defect_assist.core.preprocessing)
+    # served thresholds: quantiles of the held-out normals' image scores and anomaly-map values; 0.90
+    # chosen on the validation half of magnetic-tile test/ (docs/experiments/served-thresholds.md)
+    image_quantile: float = 0.90
+    pixel_quantile: float = 0.999
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> Self:
