@@ -1,8 +1,9 @@
 """End to end against a real Label Studio 1.23: LS calls our backend, stores and shows its predictions.
 
-The backend runs under uvicorn on a free port (basic auth on); Label Studio reaches it over HTTP,
-fetches predictions through its Data Manager action, and renders them in the labeling page, which a
-headless Chromium screenshots into ``artifacts/``.
+The backend runs under uvicorn on a free port (basic auth on); Label Studio reaches it over HTTP. When
+a version is published the backend itself has Label Studio predict every task (its sync), a manual
+*Retrieve predictions* at the same time leaves no duplicate, the older version's predictions go, and
+the labeling page renders them, which a headless Chromium screenshots into ``artifacts/``.
 """
 
 from __future__ import annotations
@@ -88,6 +89,18 @@ def _predictions_by_task(project: LabelStudioProject) -> dict[int, list[dict[str
     return {task["id"]: project.server.predictions(task["id"]) for task in project.server.tasks(project.id)}
 
 
+def _wait_shown(project: LabelStudioProject, versions: list[str], timeout: float = 120.0) -> None:
+    """Until every task carries exactly ``versions``' predictions (what the backend's sync leaves)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = {t: [p["model_version"] for p in ps] for t, ps in _predictions_by_task(project).items()}
+        if all(sorted(v) == sorted(versions) for v in found.values()):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"tasks' prediction versions after {timeout:.0f}s: {found}")
+        time.sleep(1)
+
+
 def test_label_studio_connects_through_health_and_setup(
     label_studio_project: LabelStudioProject, backend: RunningBackend
 ) -> None:
@@ -116,7 +129,7 @@ def test_predictions_stored_in_label_studio(
 ) -> None:
     version = backend.store.publish(str(label_studio_project.id), small_patchcore).version
     ls = label_studio_project.server
-    ls.retrieve_predictions(label_studio_project.id)
+    _wait_shown(label_studio_project, [version])  # the backend has LS predict every task, unasked
     scores: dict[str, list[float]] = {"normal": [], "anomalous": []}
     brushes = 0
     for task in ls.tasks(label_studio_project.id):
@@ -147,9 +160,9 @@ def test_new_version_is_picked_up_without_restart(
     new = backend.store.publish(str(label_studio_project.id), small_patchcore).version
     assert new != old
     ls = label_studio_project.server
-    ls.retrieve_predictions(label_studio_project.id)
-    for predictions in _predictions_by_task(label_studio_project).values():
-        assert {p["model_version"] for p in predictions} == {old, new}
+    ls.retrieve_predictions(label_studio_project.id)  # a user's manual retrieve racing the backend's own
+    _wait_shown(label_studio_project, [new])  # one prediction per task, of the new version only
+    assert ls.client.project(label_studio_project.id)["model_version"] == new  # the score column's version
     assert ls.client.get(f"/api/ml/{backend.ml_id}")["model_version"] == new
     versions = ls.client.get(f"/api/ml/{backend.ml_id}/versions")["versions"]
     assert versions == [old, new]

@@ -116,12 +116,7 @@ class LabelStudioServer:
 
     def retrieve_predictions(self, project: int) -> Any:
         """The Data Manager action "Retrieve predictions" on all tasks (LS calls /setup then /predict)."""
-        return self.client.request(
-            "POST",
-            "/api/dm/actions",
-            params={"id": "retrieve_tasks_predictions", "project": project},
-            json={"project": str(project), "selectedItems": {"all": True, "excluded": []}},
-        )
+        return self.client.retrieve_predictions(project)
 
     def tasks(self, project: int) -> list[dict[str, Any]]:
         return self.client.tasks(project)

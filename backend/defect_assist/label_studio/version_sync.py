@@ -91,6 +91,23 @@ def _tasks_with(client: LabelStudioClient, project: str, version: str) -> tuple[
     return {int(p["task"]) for p in predictions if p.get("model_version") == version}, predictions
 
 
+def _superseded(predictions: list[dict], version: str, own_versions: Collection[str]) -> list[dict]:
+    """Our older versions' predictions, and all but the newest of ``version``'s on a task (a manual
+    *Retrieve predictions* running at the same time as :func:`show_version` stores one twice)."""
+    older = set(own_versions) - {version}
+    newest: dict[int, int] = {}
+    for prediction in predictions:
+        if prediction.get("model_version") == version:
+            task, pid = int(prediction["task"]), int(prediction["id"])
+            newest[task] = max(newest.get(task, pid), pid)
+    return [
+        p
+        for p in predictions
+        if p.get("model_version") in older
+        or (p.get("model_version") == version and int(p["id"]) != newest[int(p["task"])])
+    ]
+
+
 def show_version(
     client: LabelStudioClient,
     project: int | str,
@@ -121,11 +138,9 @@ def show_version(
         client.set_model_version(pid, version)
     deleted = 0
     if not still_missing:
-        older = set(own_versions) - {version}
-        for prediction in predictions:
-            if prediction.get("model_version") in older:
-                client.delete_prediction(int(prediction["id"]))
-                deleted += 1
+        for prediction in _superseded(predictions, version, own_versions):
+            client.delete_prediction(int(prediction["id"]))
+            deleted += 1
     shown = VersionShown(
         pid,
         version,
