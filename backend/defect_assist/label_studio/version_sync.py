@@ -49,13 +49,13 @@ def backend_title(version: str | None, activity: str = "") -> str:
 
 
 def _our_backends(client: LabelStudioClient, project: str, versions: Collection[str]) -> list[dict]:
-    backends = client.ml_backends(project)
-    ours = [
+    """The project's connections to this backend: titled ``defect-assist…`` or answering our versions
+    (Label Studio records the version each connection's ``/setup`` names); other models' are left alone."""
+    return [
         b
-        for b in backends
+        for b in client.ml_backends(project)
         if str(b.get("title") or "").startswith(BACKEND_TITLE) or b.get("model_version") in versions
     ]
-    return ours or backends
 
 
 def _connection_fields(backend: dict[str, Any], project: str) -> dict[str, Any]:
