@@ -120,6 +120,56 @@ def test_evaluate_writes_literature_metrics(tiny_mvtec: Path, tmp_path: Path) ->
     assert set(results["mean"]["served"]) >= {"precision", "recall", "mean_dice", "normals_with_mask"}
 
 
+def test_evaluate_learns_from_corrected_defects_and_scores_only_the_others(
+    tiny_mvtec: Path, tmp_path: Path
+) -> None:
+    out_file = tmp_path / "corrected.json"
+    _run(
+        "evaluate",
+        "--data",
+        str(tiny_mvtec),
+        "-o",
+        "image_size=64",
+        "--corrected",
+        "3",
+        "--json",
+        str(out_file),
+    )
+    tile = json.loads(out_file.read_text())["categories"]["tile"]
+    assert tile["n_test"] == 9 and tile["n_test_anomalous"] == 3  # the 3 corrected images are not scored
+    assert tile["corrections"]["n_corrected"] == 3
+    assert tile["corrections"]["defect_head"]["n_corrected"] == 3
+    assert tile["n_train"] + tile["n_holdout"] == 14 - 3  # a quarter of the normals: the head's negatives
+
+
+def test_train_learns_served_masks_from_a_folder_of_corrected_defects(
+    tiny_mvtec: Path, tmp_path: Path
+) -> None:
+    defects = tmp_path / "defects"
+    defects.mkdir()
+    for image in sorted((tiny_mvtec / "test" / "break").glob("*.jpg")):
+        shutil.copy(image, defects / image.name)
+        shutil.copy(tiny_mvtec / "ground_truth" / "break" / f"{image.stem}_mask.png", defects)
+    store = tmp_path / "models"
+    images = str(tiny_mvtec / "train" / "good")
+    _run(
+        "train",
+        "--images",
+        images,
+        "--project",
+        "5",
+        "-o",
+        "image_size=64",
+        "--model-dir",
+        str(store),
+        "--defects",
+        str(defects),
+    )
+    metadata = json.loads(next((store / "5").glob("v0001-*/metadata.json")).read_text())
+    assert metadata["extra"]["defect_head"]["n_corrected"] == 3
+    assert metadata["calibration"]["source"].endswith("labeled anomalies (F1-optimal)")
+
+
 def test_evaluate_splits_test_into_fixed_halves(tiny_mvtec: Path) -> None:
     from defect_assist.core.evaluation import load_category, split_of
 

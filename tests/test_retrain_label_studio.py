@@ -20,15 +20,19 @@ import re
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 from worker_support import ROOT, backend_and_worker, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture
-def stack(tmp_path: Path, label_studio, monkeypatch: pytest.MonkeyPatch):
-    """Our backend, a redis-server and a worker around the session's Label Studio (no auto-retrain)."""
+def stack(tmp_path: Path, label_studio, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest):
+    """Our backend, a redis-server and a worker around the session's Label Studio (no auto-retrain);
+    PatchCore at 96 px unless the test is marked ``image_size(n)``."""
+    marker = request.node.get_closest_marker("image_size")
     from defect_assist.core.settings import get_settings
     from defect_assist_worker.redis_server import RedisServer
 
@@ -40,7 +44,7 @@ def stack(tmp_path: Path, label_studio, monkeypatch: pytest.MonkeyPatch):
         "CACHE_DIR": str(tmp_path / "cache"),
         "QDRANT_PATH": str(tmp_path / "qdrant"),
         "DEVICE": "cpu",
-        "MODEL_OPTIONS": json.dumps({"image_size": 96}),
+        "MODEL_OPTIONS": json.dumps({"image_size": marker.args[0] if marker else 96}),
         "AUTO_RETRAIN_AFTER": "0",
         "OMP_NUM_THREADS": "2",
         "LABEL_STUDIO_URL": label_studio.url,
@@ -237,3 +241,94 @@ def _screenshot_data_manager(server, project: int, top_score: float) -> None:
     shown = [float(value) for value in re.findall(r"(?<![\w.])\d\.\d{3}(?![\w.])", text)]
     assert shown and abs(shown[0] - top_score) < 1e-3, (shown, top_score)  # highest first, on screen
     assert shown == sorted(shown, reverse=True), shown
+
+
+def _served_masks(
+    ls: httpx.Client, project: int, version: str, tasks: list[int]
+) -> dict[int, np.ndarray] | None:
+    """The served brush mask of each task from ``version``'s predictions (empty: no region drawn)."""
+    from defect_assist.label_studio.masks import rle_to_mask
+
+    found: dict[int, np.ndarray] = {}
+    for prediction in ls.get("/api/predictions/", params={"project": project}).json():
+        if prediction["model_version"] != version or prediction["task"] not in tasks:
+            continue
+        brush = [r for r in prediction["result"] if r["type"] == "brushlabels"]
+        masks = [rle_to_mask(r["value"]["rle"], r["original_height"], r["original_width"]) for r in brush]
+        found[prediction["task"]] = np.logical_or.reduce(masks) if masks else None
+    return found if set(found) == set(tasks) else None
+
+
+@pytest.mark.image_size(160)  # at 96 px most breaks are called normal and the masks miss them
+def test_corrected_masks_reach_the_retrain_and_the_next_version_serves_what_it_learned(stack, magnetic_tile):
+    """Issue 15 in Label Studio: annotators draw the masks of 8 breaks (brush RLE) and press Start
+    training; the retrain learns the served masks from exactly those 8 (the head or the tuned rule,
+    whichever wins on corrected images it did not see), the new version is current and re-predicts
+    every task. The mean Dice on 8 *other* breaks before and after is printed (in this session's
+    runs it did not improve at 160 px: issue 15 stays open for that)."""
+    import redis
+
+    from defect_assist.core.served_metrics import dice_iou
+    from defect_assist.core.store import ModelStore
+    from defect_assist.label_studio.masks import mask_to_rle
+    from defect_assist_worker.triggers import request_retrain
+
+    store = ModelStore(stack["tmp"] / "models")
+    breaks = sorted((magnetic_tile / "test" / "break").glob("*.jpg"))
+    corrected, others = breaks[0:32:4], breaks[2:34:4]
+    truth = {
+        p.name: np.asarray(Image.open(magnetic_tile / "ground_truth" / "break" / f"{p.stem}_mask.png")) > 0
+        for p in [*corrected, *others]
+    }
+    ls = httpx.Client(
+        base_url=stack["ls"].url, headers={"Authorization": f"Token {stack['ls'].token}"}, timeout=60
+    )
+    config = (ROOT / "backend" / "defect_assist" / "label_studio" / "labeling_config.xml").read_text()
+    project = stack["ls"].create_project("issue 15", config)
+    pid = str(project)
+    regex = "^(" + "|".join(re.escape(p.name) for p in [*corrected, *others]) + ")$"
+    stack["ls"].import_local_files(project, breaks[0].parent, regex=regex)
+    normals = sorted((magnetic_tile / "train" / "good").glob("*.jpg"))[::3]
+    request_retrain(
+        pid, "first model", images=[str(p) for p in normals], connection=redis.from_url(stack["redis"])
+    )
+    first = wait_for(lambda: store.current(pid), 400, 0.5, "first model")
+    ml = ls.post("/api/ml", json={"project": project, "url": stack["backend"], "title": "defect-assist"})
+    assert ml.status_code in (200, 201), ml.text
+    tasks = ls.get("/api/tasks", params={"project": project, "page_size": 50}).json()["tasks"]
+    name_of = {t["id"]: str(next(iter(t["data"].values()))).rsplit("/", 1)[-1] for t in tasks}
+    other_ids = [i for i, n in name_of.items() if n in {p.name for p in others}]
+
+    def mean_dice(version: str) -> float:
+        masks = wait_for(lambda: _served_masks(ls, project, version, other_ids), 180, 1, f"{version} masks")
+        truths = {i: truth[name_of[i]] for i in other_ids}
+        served = {i: np.zeros(t.shape, bool) if masks[i] is None else masks[i] for i, t in truths.items()}
+        return float(np.mean([dice_iou(served[i], truths[i])[0] for i in other_ids]))
+
+    before = mean_dice(first.version)
+    for task in tasks:  # the annotators' corrections: a verdict and the drawn mask
+        if name_of[task["id"]] not in {p.name for p in corrected}:
+            continue
+        mask = truth[name_of[task["id"]]]
+        brush = {"from_name": "defect_mask", "to_name": "image", "type": "brushlabels"}
+        brush |= {"original_width": mask.shape[1], "original_height": mask.shape[0], "image_rotation": 0}
+        brush["value"] = {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": ["defect mask"]}
+        verdict = {"from_name": "verdict", "to_name": "image", "type": "choices"}
+        verdict["value"] = {"choices": ["anomalous"]}
+        answer = ls.post(f"/api/tasks/{task['id']}/annotations", json={"result": [verdict, brush]})
+        assert answer.status_code == 201, answer.text
+    ls.post(f"/api/ml/{ml.json()['id']}/train").raise_for_status()  # Start training
+    try:
+        second = wait_for(lambda: (v := store.versions(pid)) and len(v) == 2 and v[-1], 400, 0.5, "retrain")
+    except TimeoutError:
+        raise AssertionError(_logs(stack)) from None
+    learned = second.metadata["extra"]["defect_head"]
+    assert learned["n_corrected"] == len(corrected) and learned["served"] in ("defect head", "mask rule")
+    assert learned["rule_dice_on_corrections"] > 0  # the corrected masks were decoded and compared
+    assert second.metadata["calibration"]["source"].endswith("labeled anomalies (F1-optimal)")
+    assert second.status == "current", second.metadata["extra"]["check"]
+    after = mean_dice(second.version)  # waits until every other break is re-predicted by the new version
+    print(
+        f"mean Dice on 8 other breaks: {before:.3f} ({first.version}) -> {after:.3f} ({second.version});",
+        learned,
+    )

@@ -103,6 +103,8 @@ def test_train_evaluate_calibrate_publish_full_then_incremental(
     meta = store.current("3").metadata
     assert meta["calibration"]["source"].startswith("held-out normals + labeled anomalies")
     assert meta["n_train_images"] == 14 and len(meta["extra"]["training_images"]) == 14
+    assert full["metrics"]["defect_head"]["n_corrected"] == 3  # the served masks learned from the 3
+    assert store.load("3", "v0001-patchcore", device="cpu").metadata.extra["defect_head"]["served"]
 
     assert full["similarity_stale_points"] is None  # no similarity index yet
 

@@ -8,12 +8,14 @@ its ``/retrain``, ``/jobs`` routes to :func:`~defect_assist.serving.app.create_a
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import logging
+import sys
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from defect_assist.core.settings import Settings
+from defect_assist.core.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from fastapi import APIRouter, FastAPI
@@ -49,12 +51,41 @@ def backend_app(settings: Settings | None = None) -> FastAPI:
     return create_app(settings, webhook_handler=handler, routers=routers)
 
 
+def is_loopback(host: str) -> bool:
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: may be any interface
+
+
+def exposure_warning(host: str, settings: Settings) -> str | None:
+    """What is wrong with listening on ``host`` with these settings (None: loopback or auth on)."""
+    if is_loopback(host) or settings.basic_auth_user:
+        return None
+    where = "every interface" if host in ("0.0.0.0", "::", "") else f"address {host}"
+    return (
+        f"WARNING: serving on {where} ({host}) WITHOUT basic auth: anyone who can reach this port can "
+        "call /predict, /setup and /webhook (start retrains, read predictions, make this host fetch "
+        "image URLs). Set BASIC_AUTH_USER and BASIC_AUTH_PASS (and the same credentials in Label "
+        "Studio's ML connection), or bind 127.0.0.1."
+    )
+
+
 def serve(
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "0.0.0.0",
+    host: Annotated[
+        str, typer.Option(help="Interface to listen on (0.0.0.0: every one; set BASIC_AUTH_* then).")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (9090 is the Label Studio ML backend convention).")] = 9090,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve the Label Studio ML backend (/health /setup /predict /webhook /versions) from MODEL_DIR."""
     import uvicorn
 
-    uvicorn.run(backend_app(), host=host, port=port, log_level=log_level)
+    settings = get_settings()
+    warning = exposure_warning(host, settings)
+    if warning:
+        logger.warning("%s", warning)
+        print(f"\n{'!' * 100}\n{warning}\n{'!' * 100}\n", file=sys.stderr, flush=True)
+    uvicorn.run(backend_app(settings), host=host, port=port, log_level=log_level)

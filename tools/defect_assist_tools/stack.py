@@ -32,7 +32,7 @@ from defect_assist_tools.stack_label_studio import connect_backend, spread, star
 @dataclass
 class StackOptions:
     data: Path
-    project: str = "demo"
+    project: str = "0"  # Label Studio off; with it, the demo project's id
     backend_port: int = 9090
     label_studio: bool = True
     label_studio_port: int = 8080
@@ -259,6 +259,28 @@ def _smoke_predict(stack: Stack, backend_url: str) -> None:
         )
 
 
+def child_env(settings: Settings, options: StackOptions, redis_url: str, label_studio: Any) -> dict[str, str]:
+    """The worker's and the backend's environment. The backend reads images only from its local roots
+    (docs/reliability.md), so ``IMAGE_LOCAL_ROOTS`` gains the ``--data`` folder the smoke check's
+    samples come from, wherever it is; with Label Studio, its local-files root is the folder above."""
+    data = options.data.resolve()
+    roots = [r for r in settings.image_local_roots.split(os.pathsep) if r.strip()]
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "MODEL_DIR": str(settings.model_dir),
+        "PYTHONUNBUFFERED": "1",
+        "IMAGE_LOCAL_ROOTS": os.pathsep.join(dict.fromkeys([*roots, str(data)])),
+    }
+    if label_studio is not None:
+        env.update(
+            LABEL_STUDIO_URL=label_studio.url,
+            LABEL_STUDIO_API_KEY=label_studio.token,
+            LOCAL_FILES_DOCUMENT_ROOT=str(data.parent),
+        )
+    return env
+
+
 def run_stack(options: StackOptions) -> int:
     """Start the stack, check it, then wait for Ctrl-C (or return at once with ``options.smoke``)."""
     from defect_assist_worker.redis_server import RedisServer
@@ -289,18 +311,7 @@ def run_stack(options: StackOptions) -> int:
         if options.label_studio:
             start_demo_label_studio(stack)
 
-        env = {
-            **os.environ,
-            "REDIS_URL": redis_url,
-            "MODEL_DIR": str(settings.model_dir),
-            "PYTHONUNBUFFERED": "1",
-        }
-        if stack.label_studio is not None:
-            env.update(
-                LABEL_STUDIO_URL=stack.label_studio.url,
-                LABEL_STUDIO_API_KEY=stack.label_studio.token,
-                LOCAL_FILES_DOCUMENT_ROOT=str(options.data.resolve().parent),
-            )
+        env = child_env(settings, options, redis_url, stack.label_studio)
         stack.spawn("worker", [sys.executable, "-m", "defect_assist_worker", "--name", "stack-worker"], env)
         stack.spawn(
             "backend",

@@ -15,7 +15,13 @@ def stack(
         Path | None,
         typer.Option(help="Sample data, MVTec layout (default <DATASETS_DIR>/magnetic_tile)."),
     ] = None,
-    project: Annotated[str, typer.Option(help="Model store project when Label Studio is off.")] = "demo",
+    project: Annotated[
+        str,
+        typer.Option(
+            help="Model store project when Label Studio is off: a number, since the backend serves "
+            "Label Studio project ids (with Label Studio: the demo project's id)."
+        ),
+    ] = "0",
     port: Annotated[int, typer.Option(help="ML backend port.")] = 9090,
     label_studio: Annotated[
         bool,
@@ -37,6 +43,11 @@ def stack(
     """Run the embedded stack: Redis, a retrain worker, the ML backend and Label Studio."""
     from defect_assist_tools.stack import StackOptions, run_stack  # httpx: the server extra
 
+    if not label_studio and not (project.isascii() and project.isdigit()):
+        raise typer.BadParameter(
+            f"{project!r}: the backend's /predict serves numeric (Label Studio) project ids",
+            param_hint="--project",
+        )
     options = StackOptions(
         data=data or get_settings().datasets_dir / "magnetic_tile",
         project=project,

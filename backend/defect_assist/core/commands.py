@@ -78,6 +78,13 @@ def evaluate(
         str,
         typer.Option(help="all | validation | holdout: fixed halves of test/ (choose on one, report on one)"),
     ] = "all",
+    corrected: Annotated[
+        int,
+        typer.Option(
+            help="Learn from N defect images of test/ with their masks (as from annotators' "
+            "corrections); score the rest."
+        ),
+    ] = 0,
 ) -> None:
     """Train on train/good, test on test/: AUROC, AUPRO, and what is served (verdict P/R/F1, mask Dice)."""
     from defect_assist.core.evaluation import evaluate_dataset, results_tables
@@ -92,6 +99,7 @@ def evaluate(
             max_train=max_train,
             progress=progress,
             split=split,
+            corrected=corrected,
         )
     for table in results_tables(results):
         print_table(out, table)

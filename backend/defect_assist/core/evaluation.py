@@ -29,6 +29,7 @@ from rich.table import Table
 from torch.nn import functional as F
 
 from defect_assist.core.images import IMAGE_EXTENSIONS
+from defect_assist.core.labeled_calibration import evaluate_and_calibrate
 from defect_assist.core.models.registry import create_model, model_class
 from defect_assist.core.progress import ProgressCallback
 from defect_assist.core.served_metrics import ServedImage, served_metrics
@@ -47,6 +48,7 @@ METRIC_KEYS = (
 )
 SERVED_KEYS = ("precision", "recall", "f1", "mean_dice", "mean_iou", "share_dice_ge_0_5", "normals_with_mask")
 SPLITS = ("all", "validation", "holdout")
+HEAD_NORMALS = 30  # training normals held out as the defect head's negatives when learning from corrections
 
 
 @dataclass
@@ -172,6 +174,31 @@ def read_mask(path: Path) -> np.ndarray:
         return np.asarray(image.convert("L")) > 0
 
 
+# ---------------------------------------------------------------------------- corrections
+def choose_corrected(
+    tests: list[TestImage], n: int, seed: int = 0
+) -> tuple[list[TestImage], list[TestImage]]:
+    """``n`` defect images with masks (a fixed pseudo-random order: the first ``n`` of a larger ``n``
+    are the same images), and the other test images, which are the only ones scored."""
+    candidates = sorted(
+        (t for t in tests if t.is_anomalous and t.mask_path is not None),
+        key=lambda t: hashlib.sha1(f"{seed}/{t.defect_type}/{t.path.name}".encode()).digest(),
+    )
+    chosen = {t.path for t in candidates[:n]}
+    return candidates[:n], [t for t in tests if t.path not in chosen]
+
+
+def learn_corrections(model: Any, corrected: list[TestImage], normals: list[Path]) -> dict[str, Any]:
+    """What a retrain does with annotators' corrections: the defect head, then thresholds from labels."""
+    defects = [(t.path, read_mask(t.mask_path)) for t in corrected if t.mask_path is not None]
+    head = model.learn_from_corrections(defects, normals) if model.supports_corrections else {}
+    return {
+        "n_corrected": len(defects),
+        "defect_head": head,
+        **evaluate_and_calibrate(model, normals, defects),
+    }
+
+
 # ---------------------------------------------------------------------------- evaluation
 def evaluate_category(
     category: Category,
@@ -182,16 +209,45 @@ def evaluate_category(
     progress: ProgressCallback | None = None,
     seed: int = 0,
     split: str = "all",
+    corrected: int = 0,
+    reserve: int | None = None,
 ) -> dict[str, Any]:
-    """Fit on the category's normals and compute every metric on its test set (or one half of it)."""
+    """Fit on the category's normals and compute every metric on its test set (or one half of it).
+
+    ``corrected``: learn from that many defect images of the test set with their masks (as a retrain
+    does from annotators' corrections) and score the others; ``reserve`` (≥ ``corrected``) keeps that
+    many out of scoring whatever ``corrected`` is, so runs with different ``corrected`` score the
+    same images.
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     train = list(category.train)
     tests = [t for t in category.test if split == "all" or split_of(t) == split]
     if max_train and len(train) > max_train:
         train = sorted(random.Random(seed).sample(train, max_train))
+    chosen, tests = choose_corrected(tests, max(corrected, reserve or 0), seed)
+    chosen, head_normals = chosen[:corrected], []
+    if chosen:
+        random.Random(seed).shuffle(train)
+        n_head = min(HEAD_NORMALS, len(train) // 4)
+        head_normals, train = sorted(train[:n_head]), sorted(train[n_head:])
     model = create_model(model_kind, device=device, **options)
     report = model.fit(train, progress=progress, seed=seed)
+    corrections = learn_corrections(model, chosen, head_normals) if chosen else {}
+    return {
+        **score_model(model, tests, split, progress),
+        "fit_seconds": round(report.fit_seconds, 2),
+        "n_train": report.n_train,
+        "n_holdout": report.n_holdout,
+        "fit_details": report.details,
+        "corrections": corrections,
+    }
+
+
+def score_model(
+    model: Any, tests: list[TestImage], split: str = "all", progress: ProgressCallback | None = None
+) -> dict[str, Any]:
+    """Every metric of a fitted ``model`` on ``tests``: AUROC, AUPRO, F1 and what is served."""
     started = time.perf_counter()
     predictions = model.predict([t.path for t in tests], progress=progress)
     infer_seconds = time.perf_counter() - started
@@ -228,10 +284,7 @@ def evaluate_category(
         "image_f1_max": f1_max(scores_np, labels_np) if has_both else math.nan,
         "pixel_auroc": math.nan,
         "pixel_aupro": math.nan,
-        "fit_seconds": round(report.fit_seconds, 2),
         "images_per_second": round(len(predictions) / infer_seconds, 2) if infer_seconds > 0 else math.nan,
-        "n_train": report.n_train,
-        "n_holdout": report.n_holdout,
         "n_test": len(labels),
         "n_test_anomalous": int(labels_np.sum()),
         "split": split,
@@ -242,7 +295,6 @@ def evaluate_category(
         }
         if split == "all"
         else {},
-        "fit_details": report.details,
         "model_config": {k: v for k, v in config.items() if isinstance(v, str | int | float | list)},
     }
     if maps:
@@ -262,6 +314,8 @@ def evaluate_dataset(
     max_train: int | None = None,
     progress: ProgressCallback | None = None,
     split: str = "all",
+    corrected: int = 0,
+    reserve: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate every category under ``data``; returns the JSON structure the CLI writes."""
     options = options or {}
@@ -276,7 +330,15 @@ def evaluate_dataset(
             "evaluating %s: %d train, %d test images", category.name, len(category.train), len(category.test)
         )
         per_category[category.name] = evaluate_category(
-            category, model_kind, options, device, max_train, progress, split=split
+            category,
+            model_kind,
+            options,
+            device,
+            max_train,
+            progress,
+            split=split,
+            corrected=corrected,
+            reserve=reserve,
         )
     mean = {
         key: float(np.nanmean([r[key] for r in per_category.values()]))
@@ -300,6 +362,7 @@ def evaluate_dataset(
         "options": options,
         "pixel_eval": f"{EVAL_SIZE}x{EVAL_SIZE}, mask > 0",
         "split": split,
+        "corrected": corrected,
     }
 
 

@@ -78,10 +78,43 @@ def _pil_to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB")).copy()
 
 
-def load_image(source: ImageSource) -> np.ndarray:
-    """Decode a path, encoded bytes or an array into an ``H x W x 3`` uint8 RGB array."""
+class ImageTooLargeError(ImageLoadError):
+    """An image has more pixels than allowed (found from its header, before decoding)."""
+
+
+def _check_pixels(name: str, size: tuple[int, int], max_pixels: int | None) -> None:
+    width, height = size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLargeError(
+            name, f"{width}x{height} = {width * height} pixels, more than the limit of {max_pixels}"
+        )
+
+
+def image_size(data: bytes, max_pixels: int | None = None) -> tuple[int, int]:
+    """``(width, height)`` from an encoded image's header without decoding it; raises ImageLoadError.
+
+    With ``max_pixels``, an image above it raises :class:`ImageTooLargeError`.
+    """
+    name = describe_source(data)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            size = image.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ImageLoadError(name, f"not a decodable image ({error})") from error
+    _check_pixels(name, size, max_pixels)
+    return size
+
+
+def load_image(source: ImageSource, max_pixels: int | None = None) -> np.ndarray:
+    """Decode a path, encoded bytes or an array into an ``H x W x 3`` uint8 RGB array.
+
+    ``max_pixels`` refuses (:class:`ImageTooLargeError`) an image whose header announces more pixels,
+    before any decoding; PIL's own decompression-bomb refusal is an :class:`ImageLoadError` too.
+    """
     name = describe_source(source)
     if isinstance(source, np.ndarray):
+        if source.ndim >= 2:
+            _check_pixels(name, (source.shape[1], source.shape[0]), max_pixels)
         try:
             return array_to_rgb(source)
         except ValueError as error:
@@ -92,9 +125,12 @@ def load_image(source: ImageSource) -> np.ndarray:
         raise ImageLoadError(name, error.strerror or str(error)) from error
     try:
         with stream, Image.open(stream) as image:
+            _check_pixels(name, image.size, max_pixels)
             image.load()
             rgb = _pil_to_rgb(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except ImageLoadError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ImageLoadError(name, f"not a decodable image ({error})") from error
     if rgb.shape[0] < 2 or rgb.shape[1] < 2:
         raise ImageLoadError(name, f"image is too small ({rgb.shape[1]}x{rgb.shape[0]})")

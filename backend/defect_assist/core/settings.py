@@ -43,6 +43,29 @@ class Settings(BaseSettings):
     )
     label_studio_predict_batch: int = Field(16, description="Tasks per re-predict call (LS allows 100 s).")
 
+    # Serving limits and image sources (docs/reliability.md)
+    max_image_pixels: int = Field(
+        40_000_000, description="Decoded pixels per image (checked before decoding)."
+    )
+    max_image_bytes: int = Field(50 * 2**20, description="Bytes per fetched or read image.")
+    max_request_bytes: int = Field(16 * 2**20, description="Bytes per request body (checked before parsing).")
+    max_tasks_per_request: int = Field(1000, description="Tasks per /predict request (more: 413).")
+    image_fetch_timeout: float = Field(15.0, description="Total seconds per image fetch (a deadline).")
+    image_fetch_threads: int = Field(8, description="Concurrent image fetches per /predict request.")
+    predict_timeout: float = Field(
+        80.0, description="Seconds per /predict request; later tasks answer empty."
+    )
+    predict_chunk: int = Field(4, description="Images per forward pass under the prediction lock.")
+    image_allowed_hosts: str = Field(
+        "", description="Comma-separated hosts, host:port, IPs or CIDRs fetched even when private."
+    )
+    allow_private_image_hosts: bool = Field(
+        False, description="Fetch images from private and loopback addresses (not link-local)."
+    )
+    image_local_roots: str = Field(
+        "", description="Extra folders (os.pathsep-separated) task images may be read from."
+    )
+
     # Queue
     redis_url: str = Field("", description="External Redis; empty = start the project's own redis-server.")
     redis_data_dir: Path = Field(

@@ -7,7 +7,7 @@ Per sample (fields):
   ground-truth mask (MVTec ``ground_truth/<type>/<stem>_mask.png``, defect where the value is > 0);
 * ``prediction`` — ``fo.Classification`` (verdict, ``confidence`` = normalised score) and ``score``;
 * ``anomaly_map`` — ``fo.Heatmap`` (8-bit PNG of the normalised map, range 0–255, 128 = threshold);
-* ``pred_mask`` — ``fo.Segmentation`` (anomaly map > 0.5);
+* ``pred_mask`` — ``fo.Segmentation`` of the served mask (``core.mask_rule``: only when anomalous);
 * ``model_version``, ``content_hash`` (SHA-256 of the image bytes), ``embedding`` (the similarity
   vector, see ``defect_assist.similarity.embedding``).
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
@@ -17,6 +18,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 import httpx
 
 logger = logging.getLogger(__name__)
+_PROJECT_ID = re.compile(r"[0-9]{1,18}")
 
 
 class LabelStudioError(RuntimeError):
@@ -261,6 +263,6 @@ def project_id(project: int | str | dict[str, Any] | None) -> str:
     if project is None or str(project).strip() == "":
         raise ValueError("no Label Studio project id")
     text = str(project).strip().split(".", 1)[0]
-    if not text.isdigit():
+    if not _PROJECT_ID.fullmatch(text):  # ASCII digits only: "²".isdigit() is True
         raise ValueError(f"not a Label Studio project id: {project!r}")
     return text

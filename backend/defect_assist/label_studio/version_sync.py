@@ -108,6 +108,23 @@ def _superseded(predictions: list[dict], version: str, own_versions: Collection[
     ]
 
 
+def remove_duplicates(client: LabelStudioClient, project: int | str, version: str) -> int:
+    """Delete all but the newest of ``version``'s predictions on each task; returns how many went.
+
+    A *Retrieve predictions* someone runs while :func:`show_version` does stores a second prediction
+    on the tasks both asked for, possibly after :func:`show_version` looked; the sync calls this once
+    the project's ``/predict`` calls have settled."""
+    pid = project_id(project)
+    _, predictions = _tasks_with(client, pid, version)
+    deleted = 0
+    for prediction in _superseded(predictions, version, ()):
+        client.delete_prediction(int(prediction["id"]))
+        deleted += 1
+    if deleted:
+        logger.info("project %s: %d duplicate %s prediction(s) removed", pid, deleted, version)
+    return deleted
+
+
 def show_version(
     client: LabelStudioClient,
     project: int | str,

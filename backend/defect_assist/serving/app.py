@@ -1,14 +1,18 @@
 """FastAPI app speaking the Label Studio 1.23 ML backend protocol.
 
 ``GET /health``, ``POST /setup``, ``POST /predict``, ``POST /webhook``, ``GET /versions``; optional
-HTTP basic auth (``BASIC_AUTH_USER``/``BASIC_AUTH_PASS``) on every route: Label Studio sends the
-credentials of the ML connection with each call.
+HTTP basic auth (``BASIC_AUTH_USER``/``BASIC_AUTH_PASS``) on every route, ``/docs`` and
+``/openapi.json`` included: Label Studio sends the credentials of the ML connection with each call.
+Auth is checked from the headers before the body is read, the body is read up to
+``MAX_REQUEST_BYTES`` before it is parsed (serving.limits), and a body of the wrong shape is a 400
+(serving.payloads); what each bad input does is listed in docs/reliability.md.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -16,6 +20,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from starlette.routing import NoMatchFound
@@ -24,8 +29,17 @@ from defect_assist.core.settings import Settings, get_settings
 from defect_assist.core.store import ModelStore
 from defect_assist.label_studio.client import LabelStudioClient, project_id
 from defect_assist.label_studio.label_config import LabelConfigError
+from defect_assist.serving.image_sources import ImageSources
 from defect_assist.serving.label_studio_sync import LabelStudioSync
+from defect_assist.serving.limits import GuardMiddleware, ServingLimits
 from defect_assist.serving.model import DefectModel, WebhookHandler
+from defect_assist.serving.payloads import (
+    PayloadError,
+    parse_json,
+    predict_request,
+    setup_request,
+    webhook_request,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +65,32 @@ def _url_for(request: Request, name: str, **params: str) -> str | None:
         return None
 
 
+def image_sources(settings: Settings, limits: ServingLimits) -> ImageSources:
+    """The image source rule of these settings (docs/reliability.md)."""
+    roots = [r for r in settings.image_local_roots.split(os.pathsep) if r.strip()]
+    return ImageSources(
+        settings.label_studio_url,
+        local_files_root=settings.local_files_document_root or None,
+        local_roots=[settings.local_files_document_root, *roots, settings.datasets_dir],
+        allowed_hosts=settings.image_allowed_hosts,
+        allow_private=settings.allow_private_image_hosts,
+        max_bytes=limits.max_image_bytes,
+    )
+
+
+async def _body(request: Request) -> Any:
+    """The JSON body, decoded off the event loop (a large body never stalls /health)."""
+    return await run_in_threadpool(parse_json, await request.body())
+
+
+def _error(error: Exception, route: str) -> JSONResponse:
+    status_code = error.status if isinstance(error, PayloadError) else 400
+    logger.error("%s rejected: %s", route, str(error)[:300])
+    return JSONResponse(
+        {"status": "error", "error": str(error)[:1000], "results": []}, status_code=status_code
+    )
+
+
 def create_app(
     settings: Settings | None = None,
     model: DefectModel | None = None,
@@ -64,17 +104,21 @@ def create_app(
     """
     settings = settings or get_settings()
     if model is None:
+        limits = ServingLimits.from_settings(settings)
         model = DefectModel(
             ModelStore(settings.model_dir),
             LabelStudioClient.from_settings(settings),
             device=settings.device,
             webhook_handler=webhook_handler,
+            limits=limits,
+            sources=image_sources(settings, limits),
         )
     sync = LabelStudioSync(
         model.store,
         model.client_for,
         interval=settings.label_studio_sync_interval,
         batch_size=settings.label_studio_predict_batch,
+        idle_for=model.activity.idle_for,
     )
     user, password = settings.basic_auth_user, settings.basic_auth_pass
     basic = HTTPBasic(auto_error=False)
@@ -106,13 +150,17 @@ def create_app(
         dependencies=[Depends(authorize)],
         lifespan=lifespan,
     )
+    # outermost: credentials from the headers, then the body bounded, before any route reads it
+    app.add_middleware(GuardMiddleware, user=user, password=password, max_body=settings.max_request_bytes)
     app.state.model = model
+    app.state.image_sources = model.sources
+    app.state.limits = model.limits
     app.state.label_studio_sync = sync
     app.state.started = time.time()
 
     @app.get("/")
     @app.get("/health")
-    def health() -> dict[str, Any]:
+    async def health() -> dict[str, Any]:  # on the event loop: never queued behind busy threads
         return {
             "status": "UP",
             "model_class": "DefectModel",
@@ -122,39 +170,41 @@ def create_app(
 
     @app.post("/setup")
     async def setup(request: Request) -> JSONResponse:
-        body = await request.json()
         try:
-            answer = model.setup(
-                body.get("project"),
-                body.get("schema"),
-                hostname=body.get("hostname"),
-                access_token=body.get("access_token"),
-                extra_params=body.get("extra_params"),
+            body = setup_request(await _body(request))
+            answer = await run_in_threadpool(
+                lambda: model.setup(
+                    body["project"],
+                    body["schema"],
+                    hostname=body["hostname"],
+                    access_token=body["access_token"],
+                    extra_params=body["extra_params"],
+                )
             )
         except (LabelConfigError, ValueError) as error:
-            logger.error("setup rejected: %s", error)
-            return JSONResponse({"status": "error", "error": str(error)}, status_code=400)
+            return _error(error, "setup")
         with contextlib.suppress(ValueError):
-            sync.poke(project_id(body.get("project")))
+            sync.poke(project_id(body["project"]))
         return JSONResponse(answer)
 
     @app.post("/predict")
-    def predict(body: dict[str, Any]) -> JSONResponse:
-        tasks = body.get("tasks") or []
+    async def predict(request: Request) -> JSONResponse:
         started = time.perf_counter()
         try:
-            answer = model.predict(
-                tasks,
-                project=body.get("project"),
-                label_config=body.get("label_config"),
-                context=(body.get("params") or {}).get("context"),
+            body = predict_request(await _body(request), model.limits.max_tasks_per_request)
+            answer = await run_in_threadpool(
+                lambda: model.predict(
+                    body["tasks"],
+                    project=body["project"],
+                    label_config=body["label_config"],
+                    context=body["context"],
+                )
             )
         except (LabelConfigError, ValueError) as error:
-            logger.error("predict rejected: %s", error)
-            return JSONResponse({"status": "error", "error": str(error), "results": []}, status_code=400)
+            return _error(error, "predict")
         logger.info(
             "predicted %d task(s) in %.3fs (%s)",
-            len(tasks),
+            len(body["tasks"]),
             time.perf_counter() - started,
             answer.get("model_version"),
         )
@@ -163,24 +213,28 @@ def create_app(
     @app.post("/webhook", status_code=201)
     async def webhook(request: Request) -> dict[str, Any]:
         try:
-            body = await request.json()
-        except ValueError:
-            raise HTTPException(400, "expected a JSON body") from None
-        action = str(body.get("action", ""))
+            body = webhook_request(await _body(request))
+        except PayloadError as error:
+            raise HTTPException(400, str(error)[:1000]) from None
+        action = body.get("action", "")
         if action == "TASKS_CREATED":  # new tasks get the current version's predictions
             with contextlib.suppress(ValueError):
-                sync.refresh(project_id(body.get("project")))
-        return _accepted(request, action, model.fit(action, body))
+                project = project_id(body.get("project"))
+                if project in model.store.projects():  # only known projects: bounded state
+                    sync.refresh(project)
+        return _accepted(request, action, await run_in_threadpool(model.fit, action, body))
 
     @app.post("/train", status_code=201)
     async def train(request: Request) -> dict[str, Any]:
         """Legacy LS training call (no START_TRAINING webhook flag): handed off like the webhook."""
-        body = await request.json()
         try:
+            body = webhook_request(await _body(request), "/train")
             payload = {"action": "START_TRAINING", "project": {"id": int(project_id(body.get("project")))}}
         except ValueError as error:
-            raise HTTPException(400, str(error)) from None
-        return _accepted(request, "START_TRAINING", model.fit("START_TRAINING", payload))
+            raise HTTPException(400, str(error)[:1000]) from None
+        return _accepted(
+            request, "START_TRAINING", await run_in_threadpool(model.fit, "START_TRAINING", payload)
+        )
 
     @app.get("/versions")
     def versions(project: str | None = None) -> dict[str, Any]:
@@ -194,6 +248,6 @@ def create_app(
 
     @app.get("/webhook/stats")
     def webhook_stats() -> dict[str, Any]:
-        return {"counts": dict(model.webhook_counts), "handed_off": len(model.webhook_results)}
+        return {"counts": dict(model.webhook_counts), "handed_off": model.handed_off}
 
     return app

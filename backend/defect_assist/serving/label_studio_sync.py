@@ -8,6 +8,12 @@ reconciler, so it is restart-safe: on start it checks every project once and onl
 missing, and tasks imported later (``TASKS_CREATED``) are filled the same way. Projects whose name is
 not a Label Studio id (``demo``) are skipped; a project without a
 connected backend, or Label Studio down, is retried with a backoff.
+
+Someone pressing *Retrieve predictions* while the sync asks for the same tasks makes Label Studio store
+two predictions of the version on them, possibly after the sync looked; so once a version is shown and
+the project's ``/predict`` calls have been quiet for ``settle`` seconds (:class:`ProjectActivity`), the
+sync looks once more and removes the duplicates
+(:func:`~defect_assist.label_studio.version_sync.remove_duplicates`).
 """
 
 from __future__ import annotations
@@ -15,15 +21,57 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from defect_assist.core.store import ModelStore
 from defect_assist.label_studio.client import LabelStudioClient, LabelStudioError
-from defect_assist.label_studio.version_sync import NoBackendConnected, VersionShown, show_version
+from defect_assist.label_studio.version_sync import (
+    NoBackendConnected,
+    VersionShown,
+    remove_duplicates,
+    show_version,
+)
 
 logger = logging.getLogger(__name__)
 
 ClientFor = Callable[[str], LabelStudioClient | None]
+SETTLE_TRIES = 10  # duplicates found again and again: someone keeps retrieving; stop looking
+
+
+class ProjectActivity:
+    """Which projects' ``/predict`` calls are running, and when each project's last one ended."""
+
+    def __init__(self, capacity: int = 1000) -> None:
+        self.capacity = max(1, capacity)
+        self._running: dict[str, int] = {}
+        self._ended: OrderedDict[str, float] = OrderedDict()  # bounded: the most recent projects
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def predicting(self, project: str) -> Iterator[None]:
+        with self._lock:
+            self._running[project] = self._running.get(project, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running[project] -= 1
+                if not self._running[project]:
+                    del self._running[project]
+                self._ended[project] = time.monotonic()
+                self._ended.move_to_end(project)
+                while len(self._ended) > self.capacity:
+                    self._ended.popitem(last=False)
+
+    def idle_for(self, project: str) -> float:
+        """Seconds since the project's last ``/predict`` ended: 0 while one runs, inf if none did."""
+        with self._lock:
+            if project in self._running:
+                return 0.0
+            ended = self._ended.get(project)
+        return float("inf") if ended is None else time.monotonic() - ended
 
 
 class LabelStudioSync:
@@ -36,12 +84,17 @@ class LabelStudioSync:
         interval: float = 2.0,
         batch_size: int = 16,
         retry_after: float = 30.0,
+        idle_for: Callable[[str], float] | None = None,
+        settle: float = 5.0,
     ) -> None:
         self.store = store
         self.client_for = client_for
         self.interval = interval
         self.batch_size = batch_size
         self.retry_after = retry_after
+        self.idle_for = idle_for or (lambda _: float("inf"))
+        self.settle = settle
+        self._settling: dict[str, tuple[str, float, int]] = {}  # project → (version, shown at, tries)
         self.shown: dict[str, str] = {}  # project → version shown in Label Studio
         self.last: dict[str, VersionShown] = {}
         self._retry_at: dict[str, float] = {}
@@ -80,6 +133,7 @@ class LabelStudioSync:
 
     def reconcile(self) -> list[VersionShown]:
         """One pass over the store's projects; returns what was shown in this pass."""
+        self._remove_duplicates()
         done = []
         for project in self.store.projects():
             if not project.isdigit() or self._stop.is_set():
@@ -117,4 +171,27 @@ class LabelStudioSync:
             self._retry_at[project] = time.monotonic() + self.retry_after
         elif self._requests.get(project, 0) == requests:  # no tasks imported meanwhile
             self.shown[project] = version
+            self._settling[project] = (version, time.monotonic(), 0)
         return shown
+
+    def _remove_duplicates(self) -> None:
+        """Shown versions whose project's ``/predict`` calls have settled: remove duplicates, once."""
+        for project, (version, shown_at, tries) in list(self._settling.items()):
+            if self._stop.is_set():
+                return
+            if self.shown.get(project) != version:  # a newer version, or tasks imported: shown again
+                self._settling.pop(project, None)
+                continue
+            idle = self.idle_for(project)  # 0 while a /predict of the project runs
+            if idle <= 0.0 or min(time.monotonic() - shown_at, idle) < self.settle:
+                continue
+            client = self.client_for(project)
+            try:
+                deleted = remove_duplicates(client, project, version) if client is not None else 0
+            except LabelStudioError as error:
+                logger.warning("project %s: cannot check for duplicate predictions: %s", project, error)
+                deleted = 1
+            if deleted and tries + 1 < SETTLE_TRIES:
+                self._settling[project] = (version, time.monotonic(), tries + 1)  # look again later
+            else:
+                self._settling.pop(project, None)

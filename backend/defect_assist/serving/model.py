@@ -7,10 +7,11 @@ retrain by the worker shows up as a new ``model_version`` without a restart.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -20,6 +21,10 @@ from defect_assist.core.store import ModelStore
 from defect_assist.label_studio.client import LabelStudioClient, project_id
 from defect_assist.label_studio.label_config import ControlSpec, LabelConfigError
 from defect_assist.label_studio.regions import prediction_regions
+from defect_assist.serving.batch import BatchPredictor
+from defect_assist.serving.image_sources import ImageSources, LabelStudioOrigin
+from defect_assist.serving.label_studio_sync import ProjectActivity
+from defect_assist.serving.limits import FairLock, LRUDict, ServingLimits
 
 logger = logging.getLogger(__name__)
 
@@ -37,22 +42,35 @@ class DefectModel:
         client: LabelStudioClient | None = None,
         device: str = "auto",
         webhook_handler: WebhookHandler | None = None,
-        fetch_threads: int = 4,
+        limits: ServingLimits | None = None,
+        sources: ImageSources | None = None,
     ) -> None:
         self.store = store
         self.client = client or LabelStudioClient.from_settings()
         self.device = device
+        self.limits = limits = limits or ServingLimits()
+        self.sources = sources or ImageSources(
+            self.client.url, self.client.local_files_root, max_bytes=limits.max_image_bytes
+        )
         self._models: dict[tuple[str, str], Any] = {}
         self._load_lock = threading.Lock()
-        self._predict_lock = threading.Lock()  # one forward pass at a time: CPU cores are few
-        self._schemas: dict[str, str] = {}
-        self._project_clients: dict[str, LabelStudioClient] = {}
-        self._specs: dict[str, ControlSpec] = {}
-        self._fetch = ThreadPoolExecutor(max_workers=fetch_threads, thread_name_prefix="ls-fetch")
+        # one forward pass at a time (CPU cores are few), granted in arrival order, per chunk
+        self._predict_lock = FairLock()
+        self.batch = BatchPredictor(self.sources, limits, self._predict_lock)
+        self.activity = ProjectActivity(limits.max_projects)  # /predict calls per project (the sync waits)
+        self._schemas: LRUDict[str, str] = LRUDict(limits.max_projects)
+        self._project_clients: LRUDict[str, LabelStudioClient] = LRUDict(
+            limits.max_projects, on_evict=lambda client: client.close()
+        )
+        self._specs: LRUDict[str, ControlSpec] = LRUDict(limits.max_label_configs)  # by config digest
         self._handoff = ThreadPoolExecutor(max_workers=1, thread_name_prefix="webhook")
         self.handler = webhook_handler  # the worker's trigger logic, wired in by ``defect-assist serve``
         self.webhook_counts: Counter[str] = Counter()
-        self.webhook_results: list[dict[str, Any]] = []
+        self.webhook_results: deque[dict[str, Any]] = deque(maxlen=limits.max_webhook_results)
+        self.handed_off = 0
+        self.webhooks_dropped = 0
+        self._pending_webhooks = 0
+        self._webhook_lock = threading.Lock()
         self.loads = 0
 
     # ------------------------------------------------------------------ versions and cache
@@ -98,10 +116,11 @@ class DefectModel:
             raise LabelConfigError(
                 f"no labeling config known for project {project} (call /setup or send label_config)"
             )
-        spec = self._specs.get(config)
+        digest = hashlib.sha256(config.encode()).hexdigest()
+        spec = self._specs.get(digest)
         if spec is None:
             spec = ControlSpec.from_config(config)
-            self._specs[config] = spec
+            self._specs[digest] = spec
         return spec
 
     def setup(
@@ -121,8 +140,9 @@ class DefectModel:
         spec = ControlSpec.from_config(schema or "")
         if not self.client.token and hostname and access_token and pid not in self._project_clients:
             self._project_clients[pid] = LabelStudioClient(hostname, access_token)
+            self.sources.trust(hostname)  # that project's Label Studio: its /data/ paths, its token
         self._schemas[pid] = schema or ""
-        self._specs[schema or ""] = spec
+        self._specs[hashlib.sha256((schema or "").encode()).hexdigest()] = spec
         for warning in spec.warnings:
             logger.warning("project %s: %s", pid, warning)
         version = self.current_version(pid)
@@ -135,8 +155,8 @@ class DefectModel:
     def predict(
         self, tasks: list[dict[str, Any]], project: Any = None, label_config: str | None = None, **_: Any
     ) -> dict[str, Any]:
-        """One ``{"result", "score", "model_version"}`` per task, in task order."""
-        if project is None and tasks:
+        """One ``{"result", "score", "model_version"}`` per task, in task order (see serving.batch)."""
+        if project is None and tasks and isinstance(tasks[0], dict):
             project = tasks[0].get("project")
         pid = project_id(project)
         version, model = self.model_for(pid)
@@ -146,44 +166,20 @@ class DefectModel:
             )
             return {"results": [], "model_version": NO_MODEL_VERSION}
         spec = self.spec_for(pid, label_config)
-        client = self._project_clients.get(pid, self.client)
-        images: list[bytes | None] = list(
-            self._fetch.map(lambda task: self._image(task, spec, client), tasks)
-        )
-        good = [i for i, image in enumerate(images) if image is not None]
-        predictions: dict[int, Any] = {}
-        if good:
-            with self._predict_lock:
-                for index, prediction in zip(good, model.predict([images[i] for i in good]), strict=True):
-                    predictions[index] = prediction
-        results = []
-        for i, task in enumerate(tasks):
-            prediction = predictions.get(i)
-            if prediction is None or prediction.error is not None:
-                if prediction is not None:
-                    logger.error("task %s: %s", task.get("id"), prediction.error)
-                results.append({"result": [], "score": 0.0, "model_version": version})
-                continue
-            results.append(
-                {
-                    "result": prediction_regions(prediction, spec),
-                    "score": round(float(prediction.score), 6),
-                    "model_version": version,
-                }
-            )
-        return {"results": results, "model_version": version}
+        client = self._project_clients.get(pid) or self.client
+        origin = LabelStudioOrigin(client.url, client.token)
 
-    def _image(self, task: dict[str, Any], spec: ControlSpec, client: LabelStudioClient) -> bytes | None:
-        data = task.get("data") or {}
-        url = data.get(spec.image_key) or (next(iter(data.values())) if len(data) == 1 else None)
-        if not url:
-            logger.error("task %s: no image under data[%r]", task.get("id"), spec.image_key)
-            return None
-        try:
-            return client.fetch_image(str(url))
-        except Exception as error:  # one bad task never fails the batch
-            logger.error("task %s: %s", task.get("id"), error)
-            return None
+        def render(prediction: Any) -> dict[str, Any]:
+            return {
+                "result": prediction_regions(prediction, spec),
+                "score": round(float(prediction.score), 6),
+                "model_version": version,
+            }
+
+        with self.activity.predicting(pid):
+            answers = self.batch.run(tasks, model, spec, origin, render, project=pid)
+        empty = {"result": [], "score": 0.0, "model_version": version}
+        return {"results": [answer or dict(empty) for answer in answers], "model_version": version}
 
     def versions(self, project: Any | None = None) -> dict[str, Any]:
         if project is None:
@@ -203,10 +199,20 @@ class DefectModel:
         training* button) is waited for up to ``START_TRAINING_WAIT_S``: requesting a retrain takes
         milliseconds; a slow Redis only costs the answer its job id, never the request.
         """
-        project = data.get("project")
-        if isinstance(project, dict):
-            project = project.get("id")
-        self.webhook_counts[f"{event}:{project}"] += 1
+        try:
+            project = project_id(data.get("project"))
+        except ValueError:
+            project = "None"
+        with self._webhook_lock:  # bounded: a client can send any event and project names
+            key = f"{str(event)[:64]}:{project}"
+            if key not in self.webhook_counts and len(self.webhook_counts) >= self.limits.max_webhook_keys:
+                key = "other"
+            self.webhook_counts[key] += 1
+            if self._pending_webhooks >= self.limits.max_pending_webhooks:
+                self.webhooks_dropped += 1
+                logger.error("webhook %s dropped: %d hand-offs already queued", key, self._pending_webhooks)
+                return None
+            self._pending_webhooks += 1
         future = self._handoff.submit(self._hand_off, data)
         if event == "START_TRAINING" and self.handler is not None:
             try:
@@ -216,21 +222,27 @@ class DefectModel:
         return None
 
     def _hand_off(self, payload: dict[str, Any]) -> dict[str, Any] | None:
-        handler = self.handler
-        if handler is None:
-            return None
         try:
-            answer = handler(payload)
-        except Exception:
-            logger.exception("webhook %s hand-off failed", payload.get("action"))
-            return None
-        logger.info("webhook %s → %s", payload.get("action"), answer)
-        self.webhook_results.append(answer)
-        return answer
+            handler = self.handler
+            if handler is None:
+                return None
+            try:
+                answer = handler(payload)
+            except Exception:
+                logger.exception("webhook %s hand-off failed", str(payload.get("action"))[:64])
+                return None
+            logger.info("webhook %s → %s", str(payload.get("action"))[:64], answer)
+            with self._webhook_lock:
+                self.webhook_results.append(answer)
+                self.handed_off += 1
+            return answer
+        finally:
+            with self._webhook_lock:
+                self._pending_webhooks -= 1
 
     def close(self) -> None:
-        self._fetch.shutdown(wait=False, cancel_futures=True)
         self._handoff.shutdown(wait=True, cancel_futures=False)
         self.client.close()
         for client in self._project_clients.values():
             client.close()
+        self.sources.close()

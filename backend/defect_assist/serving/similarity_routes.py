@@ -1,7 +1,9 @@
 """HTTP endpoint for similarity search: a FastAPI router the backend app includes.
 
 ``POST /similar`` with a multipart image upload (field ``image``) or ``GET /similar?path=...`` (an
-image file visible to the server); query parameters ``project`` and ``k``. Returns the query's
+image file under an allowed local root, the rule of task images: serving.image_sources; any other
+path answers the same 404 as a missing one, so nothing tells whether a server file exists); query
+parameters ``project`` and ``k``. Returns the query's
 score/verdict and its neighbours (similarity, path, split, label, defect type, score, LS task id,
 model version, stale flag). 404 for an unknown project or an empty index, 422 for an unreadable image,
 503 (``Retry-After``) while another process holds the index's embedded storage.
@@ -14,9 +16,11 @@ import threading
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, HTTPException, Query, UploadFile
+from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
+from defect_assist.core.images import ImageLoadError, image_size
+from defect_assist.serving.image_sources import ImageFetchError, ImageRefused
 from defect_assist.similarity.indexing import query_similar
 from defect_assist.similarity.local_storage import IndexBusyError
 
@@ -57,12 +61,14 @@ def _search(image: Path, project: str, k: int, exclude_self: bool = True) -> dic
 
 @router.post("/similar")
 async def similar_upload(
+    request: Request,
     image: Annotated[UploadFile, File(description="Query image.")],
     project: Annotated[str, Query()] = "default",
     k: Annotated[int, Query(ge=1, le=1000)] = 10,
 ) -> dict[str, Any]:
     """Nearest neighbours of an uploaded image (an indexed copy of it is returned as the first hit)."""
-    data = await image.read()
+    data = await image.read()  # the body is bounded by MAX_REQUEST_BYTES (serving.limits)
+    _check_pixels(request, data)
     suffix = Path(image.filename or "query.png").suffix or ".png"
     with tempfile.NamedTemporaryFile(suffix=suffix) as handle:
         handle.write(data)
@@ -74,11 +80,30 @@ async def similar_upload(
 
 @router.get("/similar")
 async def similar_path(
-    path: Annotated[str, Query(description="Image file on the server.")],
+    request: Request,
+    path: Annotated[str, Query(description="Image file under an allowed local root.")],
     project: Annotated[str, Query()] = "default",
     k: Annotated[int, Query(ge=1, le=1000)] = 10,
 ) -> dict[str, Any]:
-    """Nearest neighbours of an image file the server can read (the image itself is excluded)."""
-    if not Path(path).is_file():
-        raise HTTPException(404, f"no such image: {path}")
-    return await run_in_threadpool(_search, Path(path), project, k)
+    """Nearest neighbours of an image file under an allowed local root (the image itself is excluded)."""
+    sources = getattr(request.app.state, "image_sources", None)
+    missing = HTTPException(404, f"no such image: {path[:200]}")
+    if sources is None:
+        raise missing
+    try:
+        local = sources.local_path(path)
+        if local is None:
+            raise missing  # a URL: not read here
+        data = await run_in_threadpool(sources.local.read, local, sources.max_bytes)
+    except (ImageRefused, ImageFetchError):
+        raise missing from None  # refused and missing answer alike
+    _check_pixels(request, data)
+    return await run_in_threadpool(_search, local, project, k)
+
+
+def _check_pixels(request: Request, data: bytes) -> None:
+    limits = getattr(request.app.state, "limits", None)
+    try:
+        image_size(data, limits.max_image_pixels if limits is not None else None)
+    except ImageLoadError as error:
+        raise HTTPException(422, str(error)) from None

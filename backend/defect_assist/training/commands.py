@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
+from PIL import Image
 from rich.console import Console
 
 from defect_assist.core.images import collect_images
@@ -41,6 +43,18 @@ def train(
     fresh: Annotated[
         bool, typer.Option("--fresh", help="Forget the current version's normals: train on these only.")
     ] = False,
+    defects: Annotated[
+        Path | None,
+        typer.Option(
+            "--defects",
+            exists=True,
+            help="Folder of corrected defect images, each with its mask <stem>_mask.png beside it or in "
+            "--masks: thresholds and the served masks are learned from them (never trained on as normals).",
+        ),
+    ] = None,
+    masks: Annotated[
+        Path | None, typer.Option("--masks", exists=True, help="Folder of the defects' masks.")
+    ] = None,
 ) -> None:
     """Train on normal images (a full fit, with the current version's normals unless --fresh) and publish
     a new version into MODEL_DIR/<project>/: current if not worse than the current one, else a candidate."""
@@ -54,11 +68,13 @@ def train(
     from defect_assist.training.training_set import TrainingRefused
 
     options: dict[str, Any] = parse_options(option)
+    anomalies = corrected_defects(defects, masks) if defects else []
     with RichProgress() as bars:
         try:
             result = train_and_publish(
                 project,
                 files,
+                anomalies,
                 settings=settings,
                 kind=model,
                 mode="full",
@@ -82,6 +98,28 @@ def train(
         console.print(
             f"make it current with: defect-assist promote --project {project} --version {result['version']}"
         )
+
+
+def corrected_defects(folder: Path, masks: Path | None = None) -> list[tuple[Path, np.ndarray | None]]:
+    """Defect images of ``folder`` with their masks (``<stem>_mask.png`` in ``masks`` or beside them);
+    an image without a mask still counts as a defect (for thresholds), a mask file is not an image."""
+    found = []
+    for path in collect_images([folder]):
+        if path.stem.endswith("_mask"):
+            continue
+        mask_path = next(
+            (
+                d / f"{path.stem}_mask.png"
+                for d in (masks, path.parent)
+                if d and (d / f"{path.stem}_mask.png").exists()
+            ),
+            None,
+        )
+        mask = np.asarray(Image.open(mask_path).convert("L")) > 0 if mask_path else None
+        found.append((path, mask))
+    if not found:
+        raise typer.BadParameter(f"no defect images in {folder}")
+    return found
 
 
 def register(app: typer.Typer) -> None:

@@ -20,12 +20,13 @@ from typing import Any
 
 import numpy as np
 
+from defect_assist.core.labeled_calibration import evaluate_and_calibrate
 from defect_assist.core.models.registry import create_model
+from defect_assist.core.refinement import MIN_CORRECTED
 from defect_assist.core.settings import Settings, resolve_device
 from defect_assist.core.store import ModelStore
 from defect_assist.training.image_archive import ImageArchive
 from defect_assist.training.image_cache import digest_of
-from defect_assist.training.labeled_calibration import evaluate_and_calibrate
 from defect_assist.training.mode import choose_mode
 from defect_assist.training.progress import TrainingProgress
 from defect_assist.training.training_set import Previous, plan_training_set, require_minimum
@@ -225,11 +226,16 @@ def _compare(
 def _check_on_labels(
     model: Any, held_out: list[Path], anomalies: list[LabeledAnomaly], progress: TrainingProgress
 ) -> dict[str, Any]:
-    """With labeled anomalies: measure, re-calibrate on them, then absorb the held-out normals."""
+    """With labeled anomalies: learn the defect head from their masks, measure, re-calibrate on them,
+    then absorb the held-out normals."""
     if not anomalies:
         return {}
     progress("evaluate", 0, 1)
-    metrics = evaluate_and_calibrate(model, held_out, anomalies)
+    corrected = [(path, mask) for path, mask in anomalies if mask is not None and mask.any()]
+    head: dict[str, Any] = {}
+    if model.supports_corrections and len(corrected) >= MIN_CORRECTED:
+        head = model.learn_from_corrections(corrected, held_out)  # masks drawn from the corrections
+    metrics = evaluate_and_calibrate(model, held_out, anomalies) | ({"defect_head": head} if head else {})
     if held_out and model.supports_incremental:  # the held-out normals still count as training data
         model.update(held_out)
     progress("evaluate", 1, 1)

@@ -2,9 +2,11 @@
 
 A model fits on normal images only, calibrates its thresholds on held-out normals, and predicts per
 image: an anomaly score normalised so that 0.5 is the decision threshold, a verdict, an anomaly map
-at the original image size and a binary defect mask. Its options are a typed config dataclass
-(:class:`ModelConfig` subclass) stored in its metadata. Models save to and load from a directory
-(``metadata.json`` + ``weights.pt``), which the versioned store publishes atomically.
+at the original image size and a binary defect mask (:mod:`~defect_assist.core.mask_rule`, or a
+defect head learned from corrected masks: :mod:`~defect_assist.core.refinement`). Its options are
+a typed config dataclass (:class:`ModelConfig` subclass) stored in its metadata. Models save to and
+load from a directory (``metadata.json`` + ``weights.pt``), which the versioned store publishes
+atomically.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from defect_assist.core import backbones
 from defect_assist.core.calibration import Calibration
 from defect_assist.core.images import ImageLoadError, ImageSource, describe_source, load_image
+from defect_assist.core.mask_rule import MaskRule
 from defect_assist.core.models.batches import LoadedBatch, as_sources, readable
 from defect_assist.core.models.config import ModelConfig
 from defect_assist.core.models.metadata import (
@@ -36,9 +39,10 @@ from defect_assist.core.models.metadata import (
     ModelMetadata,
     fingerprint_sources,
 )
-from defect_assist.core.models.prediction import Embedding, ImageEmbeddings, Prediction
+from defect_assist.core.models.prediction import Embedding, ImageEmbeddings, Prediction, stack_rows
 from defect_assist.core.preprocessing import ResizeMode, fit_into_square, map_to_original, to_tensor
 from defect_assist.core.progress import ProgressCallback
+from defect_assist.core.refinement import DefectHead, learn_from_corrections
 from defect_assist.core.settings import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -52,6 +56,7 @@ class AnomalyModel(ABC):
     # Options added after models were first saved: the value such an older model was trained with.
     saved_model_defaults: ClassVar[dict[str, Any]] = {}
     supports_incremental: ClassVar[bool] = False
+    supports_corrections: ClassVar[bool] = False  # implements _infer_with_patch_inputs
 
     def __init__(self, device: str = "auto", **options: Any) -> None:
         try:
@@ -61,6 +66,7 @@ class AnomalyModel(ABC):
         self.device = torch.device(resolve_device(device))
         self.calibration: Calibration | None = None
         self.metadata: ModelMetadata | None = None
+        self.defect_head: DefectHead | None = None  # learned from corrected masks (core.refinement)
         self.mean, self.std = backbones.normalisation(self.config.backbone)
 
     # ----------------------------------------------------------------- to implement per model
@@ -85,6 +91,52 @@ class AnomalyModel(ABC):
     def _infer_valid(self, tensor: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Like :meth:`_infer`, told which pixels are image (``True``) and which are letterbox padding."""
         return self._infer(tensor)
+
+    def _infer_with_mask_maps(
+        self, tensor: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_infer_valid` plus the maps the served mask is cut from ``(B, S, S)``.
+
+        By default the anomaly maps themselves; a model whose anomaly map is smoothed for ranking
+        (PatchCore's σ) returns a less smoothed map here, so masks keep the defects' shape.
+        """
+        scores, maps = self._infer_valid(tensor, valid)
+        return scores, maps, maps
+
+    def _infer_with_patch_inputs(
+        self, tensor: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_infer_valid` plus per-patch inputs ``(B, C, h, w)`` for the defect head."""
+        raise NotImplementedError(f"{self.kind} does not learn from corrected masks")
+
+    def _served_outputs(
+        self, tensor: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, MaskRule | None]:
+        """Raw scores, anomaly maps, mask maps and the mask rule for one batch, as served."""
+        assert self.calibration is not None
+        if self.defect_head is not None:
+            scores, maps, inputs = self._infer_with_patch_inputs(tensor, valid)
+            probabilities = self.defect_head.probabilities(inputs)
+            mask_maps, rule = DefectHead.upsampled(probabilities, self.image_size), self.defect_head.rule
+        else:
+            scores, maps, mask_maps = self._infer_with_mask_maps(tensor, valid)
+            rule = self.calibration.mask_rule()
+        return *(t.float().cpu().numpy() for t in (scores, maps, mask_maps)), rule  # type: ignore[return-value]
+
+    def learn_from_corrections(
+        self, defects: Sequence[tuple[ImageSource, np.ndarray]], normals: Sequence[ImageSource]
+    ) -> dict[str, Any]:
+        """Train the defect head on corrected defect images (with their masks) and normal images."""
+        if not self.supports_corrections:
+            raise NotImplementedError(f"{self.kind} does not learn from corrected masks")
+        learned = learn_from_corrections(self, list(defects), list(normals))
+        self.defect_head = learned.head
+        if learned.relative is not None and self.calibration is not None:
+            self.calibration.mask_relative = learned.relative
+        info = {**learned.info(), "n_corrected": len(defects), "n_normal_images": len(normals)}
+        if self.metadata is not None:
+            self.metadata.extra["defect_head"] = info
+        return info
 
     def _extend(
         self, batches: Callable[[], Iterator[torch.Tensor]], n_images: int, progress: ProgressCallback
@@ -162,13 +214,16 @@ class AnomalyModel(ABC):
         torch.manual_seed(seed)
         details = self._fit(self._batch_factory(train, batch_size), len(train), progress)
         calibration_set = holdout or train
-        scores, maps = self._raw_outputs(calibration_set, batch_size, progress, stage="calibrate")
+        scores, maps, mask_maps = self._raw_outputs(calibration_set, batch_size, progress, stage="calibrate")
         self.calibration = Calibration.from_normals(
             scores,
             maps,
             image_quantile=self.config.image_quantile,
             pixel_quantile=self.config.pixel_quantile,
             source="held-out normals" if holdout else "training normals (fewer than 10 images)",
+            mask_maps=mask_maps,
+            mask_quantile=self.config.mask_quantile,
+            mask_relative=self.config.mask_relative,
         )
         if holdout and self.supports_incremental:
             details |= {
@@ -224,27 +279,29 @@ class AnomalyModel(ABC):
         batch_size: int,
         progress: ProgressCallback,
         stage: str = "predict",
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Raw scores and valid-region maps (padding excluded, flattened per image) of readable images."""
-        scores, maps = [], []
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Raw scores, anomaly maps and mask maps of readable images (image area only, flattened)."""
+        scores, maps, mask_maps = [], [], []
         for start in range(0, len(sources), batch_size):
             loaded = self.load_batch(sources[start : start + batch_size], start)
             if loaded.tensor is None:
                 continue
-            batch_scores, batch_maps = self._infer_valid(
+            batch_scores, batch_maps, batch_mask_maps = self._infer_with_mask_maps(
                 loaded.tensor.to(self.device), loaded.valid_mask(self.image_size, self.device)
             )
-            batch_maps_np = batch_maps.float().cpu().numpy()
             scores.extend(batch_scores.float().cpu().numpy().tolist())
-            for j, placement in enumerate(loaded.placements):
-                region = batch_maps_np[
-                    j,
-                    placement.top : placement.top + placement.height,
-                    placement.left : placement.left + placement.width,
-                ]
-                maps.append(region[::2, ::2].reshape(-1))
+            for target, values in ((maps, batch_maps), (mask_maps, batch_mask_maps)):
+                array = values.float().cpu().numpy()
+                for j, p in enumerate(loaded.placements):
+                    region = array[j, p.top : p.top + p.height, p.left : p.left + p.width]
+                    target.append(region[::2, ::2].reshape(-1))
             progress(stage, min(start + batch_size, len(sources)), len(sources))
-        return np.asarray(scores, dtype=np.float64), np.concatenate(maps) if maps else np.zeros(0, np.float32)
+        empty = np.zeros(0, np.float32)
+        return (
+            np.asarray(scores, dtype=np.float64),
+            np.concatenate(maps) if maps else empty,
+            np.concatenate(mask_maps) if mask_maps else empty,
+        )
 
     @torch.no_grad()
     def predict(
@@ -264,22 +321,23 @@ class AnomalyModel(ABC):
                 results[index].error = message
             if loaded.tensor is None:
                 continue
-            raw_scores, raw_maps = self._infer_valid(
+            raw_scores_np, raw_maps_np, mask_maps_np, rule = self._served_outputs(
                 loaded.tensor.to(self.device), loaded.valid_mask(self.image_size, self.device)
             )
-            raw_scores_np = raw_scores.float().cpu().numpy()
-            raw_maps_np = raw_maps.float().cpu().numpy()
             for j, index in enumerate(loaded.indices):
-                anomaly_map = self.calibration.normalise_map(
-                    map_to_original(raw_maps_np[j], loaded.placements[j])
-                )
+                placement = loaded.placements[j]
+                anomaly_map = self.calibration.normalise_map(map_to_original(raw_maps_np[j], placement))
                 score = float(self.calibration.normalise_score(raw_scores_np[j]))
                 result = results[index]
                 result.raw_score = float(raw_scores_np[j])
                 result.score = score
                 result.is_anomalous = score >= 0.5
                 result.anomaly_map = anomaly_map
-                result.mask = anomaly_map > 0.5
+                result.mask = (
+                    rule.apply(map_to_original(mask_maps_np[j], placement), result.is_anomalous)
+                    if rule
+                    else anomaly_map > 0.5
+                )
             if progress:
                 progress("predict", min(start + batch_size, len(sources)), len(sources))
         return results
@@ -305,7 +363,7 @@ class AnomalyModel(ABC):
             batch_defect = embedding.defect.float().cpu().numpy()
             for j, index in enumerate(loaded.indices):
                 pooled[index], defect[index] = batch_pooled[j], batch_defect[j]
-        return ImageEmbeddings(_rows(pooled), _rows(defect), errors)
+        return ImageEmbeddings(stack_rows(pooled), stack_rows(defect), errors)
 
     # ----------------------------------------------------------------- persistence
     def save(self, directory: str | Path) -> None:
@@ -316,7 +374,12 @@ class AnomalyModel(ABC):
         directory.mkdir(parents=True, exist_ok=True)
         self.metadata.calibration = asdict(self.calibration)
         torch.save(
-            {"kind": self.kind, "config": self.config.to_dict(), "state": self._state()},
+            {
+                "kind": self.kind,
+                "config": self.config.to_dict(),
+                "state": self._state(),
+                "defect_head": self.defect_head.state() if self.defect_head else None,
+            },
             directory / WEIGHTS_FILE,
         )
         (directory / METADATA_FILE).write_text(json.dumps(asdict(self.metadata), indent=2, default=str))
@@ -328,13 +391,8 @@ class AnomalyModel(ABC):
         payload = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=False)
         model = cls(device=device, **{**cls.saved_model_defaults, **payload["config"]})
         model._load_state(payload["state"])
+        if payload.get("defect_head"):
+            model.defect_head = DefectHead.from_state(payload["defect_head"])
         model.metadata = metadata
         model.calibration = Calibration(**metadata.calibration)
         return model
-
-
-def _rows(rows: list[np.ndarray | None]) -> np.ndarray:
-    """Stack per-image vectors, NaN rows where an image had none."""
-    dim = next((r.shape[0] for r in rows if r is not None), 0)
-    filled = [r if r is not None else np.full(dim, np.nan, np.float32) for r in rows]
-    return np.stack(filled).astype(np.float32) if filled else np.zeros((0, 0), np.float32)

@@ -18,6 +18,10 @@ class ModelConfig:
     # chosen on the validation half of magnetic-tile test/ (docs/experiments/served-thresholds.md)
     image_quantile: float = 0.90
     pixel_quantile: float = 0.999
+    # served mask (defect_assist.core.mask_rule): the floor quantile of normal mask-map values and the
+    # share of an image's peak above it that cuts the region (docs/experiments/served-masks.md)
+    mask_quantile: float = 0.999
+    mask_relative: float = 0.5
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> Self:

@@ -21,7 +21,7 @@ class Prediction:
     raw_score: float = math.nan
     is_anomalous: bool = False
     anomaly_map: np.ndarray | None = None  # HxW float32, normalised like the score (0.5 = pixel threshold)
-    mask: np.ndarray | None = None  # HxW bool, anomaly_map > 0.5
+    mask: np.ndarray | None = None  # HxW bool, the served mask (core.mask_rule; empty when normal)
     error: str | None = None
 
     @property
@@ -64,3 +64,10 @@ class ImageEmbeddings:
     pooled: np.ndarray  # (N, D)
     defect: np.ndarray  # (N, D')
     errors: list[str | None]
+
+
+def stack_rows(rows: list[np.ndarray | None]) -> np.ndarray:
+    """Stack per-image vectors, NaN rows where an image had none."""
+    dim = next((r.shape[0] for r in rows if r is not None), 0)
+    filled = [r if r is not None else np.full(dim, np.nan, np.float32) for r in rows]
+    return np.stack(filled).astype(np.float32) if filled else np.zeros((0, 0), np.float32)

@@ -14,6 +14,8 @@ from defect_assist.core.models.metadata import METADATA_FILE
 MODEL_REGISTRY: dict[str, str] = {
     "patchcore": "defect_assist.core.models.patchcore.anomaly_model:PatchcoreAnomalyModel",
     "efficientad": "defect_assist.core.models.efficientad.anomaly_model:EfficientAdAnomalyModel",
+    "ikd": "defect_assist.core.models.ikd.anomaly_model:IkdAnomalyModel",
+    "cfa": "defect_assist.core.models.cfa.anomaly_model:CfaAnomalyModel",
 }
 
 

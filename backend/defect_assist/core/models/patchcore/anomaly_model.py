@@ -11,6 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from defect_assist.core.models.base import AnomalyModel
+from defect_assist.core.models.patchcore.anomaly_map import AnomalyMapGenerator
 from defect_assist.core.models.patchcore.config import PatchcoreConfig
 from defect_assist.core.models.patchcore.torch_model import FastPatchcoreModel
 from defect_assist.core.models.prediction import Embedding
@@ -22,6 +23,7 @@ class PatchcoreAnomalyModel(AnomalyModel):
 
     kind: ClassVar[str] = "patchcore"
     supports_incremental: ClassVar[bool] = True
+    supports_corrections: ClassVar[bool] = True
     config_class: ClassVar[type[PatchcoreConfig]] = PatchcoreConfig
     config: PatchcoreConfig
     saved_model_defaults: ClassVar[dict[str, Any]] = {"balance_layers": False}
@@ -29,6 +31,7 @@ class PatchcoreAnomalyModel(AnomalyModel):
     def __init__(self, device: str = "auto", **config: Any) -> None:
         super().__init__(device=device, **config)
         self.model = FastPatchcoreModel.from_config(self.config).to(self.device).eval()
+        self.mask_map_generator = AnomalyMapGenerator(self.config.mask_sigma_pixels).to(self.device)
 
     # ------------------------------------------------------------------ fitting
     def _collect(
@@ -72,6 +75,23 @@ class PatchcoreAnomalyModel(AnomalyModel):
     def _infer_valid(self, tensor: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores, maps, _ = self.model.score(tensor, valid)
         return scores, maps
+
+    def _infer_with_mask_maps(
+        self, tensor: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scores, the σ-smoothed anomaly maps and the ``mask_sigma``-smoothed maps of one patch grid."""
+        scores, maps, grid = self.model.score(tensor, valid)
+        return scores, maps, self.mask_map_generator(grid[:, None], None, valid)[:, 0]
+
+    def _infer_with_patch_inputs(
+        self, tensor: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scores, maps and the defect head's patch inputs: features, patch score, score / image peak."""
+        embedding = self.model.patch_embedding(tensor)
+        scores, maps, grid = self.model.score_embedding(embedding, tensor.shape[-2:], valid)
+        peak = grid.flatten(1).max(dim=1).values.clamp_min(1e-6)[:, None, None]
+        inputs = torch.cat([embedding, grid[:, None], (grid / peak)[:, None]], dim=1)
+        return scores, maps, inputs
 
     @torch.no_grad()
     def embed(self, tensor: torch.Tensor) -> Embedding:

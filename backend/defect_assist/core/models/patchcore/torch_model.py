@@ -202,7 +202,16 @@ class FastPatchcoreModel(PatchcoreModel):
         ``valid`` (``B x H x W`` bool, optional) marks real image pixels (letterbox padding is
         ``False``); patches outside it are ignored for the image score and the map is smoothed over it.
         """
-        embedding = self.patch_embedding(images)
+        return self.score_embedding(self.patch_embedding(images), images.shape[-2:], valid)
+
+    @torch.no_grad()
+    def score_embedding(
+        self,
+        embedding: torch.Tensor,
+        image_size: tuple[int, int] | torch.Size,
+        valid: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`score` from a :meth:`patch_embedding` already computed."""
         batch, _, height, width = embedding.shape
         flat = self.reshape_embedding(embedding)
         patch_scores, locations = self.nearest_neighbors(flat, n_neighbors=1)
@@ -216,5 +225,5 @@ class FastPatchcoreModel(PatchcoreModel):
             scoring = torch.where(patch_valid, patch_scores, torch.zeros_like(patch_scores))
         image_scores = self.compute_anomaly_score(scoring, locations, flat)
         grid = patch_scores.reshape(batch, 1, height, width)
-        anomaly_map = self.anomaly_map_generator(grid, images.shape[-2:], valid)
+        anomaly_map = self.anomaly_map_generator(grid, image_size, valid)
         return image_scores, anomaly_map[:, 0], grid[:, 0]
