@@ -124,10 +124,12 @@ def main() -> int:
                             answer = http.post(f"{url}/predict", json=body)
                             elapsed = time.perf_counter() - started
                             results = answer.json().get("results", []) if answer.status_code == 200 else []
-                            version = results[0].get("model_version") if results else None
+                            answered = bool(results) and isinstance(results[0], dict)  # [] = failed task
+                            version = results[0].get("model_version") if answered else None
                             ok = (
                                 answer.status_code == 200
                                 and len(results) == 1
+                                and answered
                                 and any(r.get("type") == "choices" for r in results[0]["result"])
                             )
                             problem = None if ok else f"{answer.status_code} {answer.text[:200]}"

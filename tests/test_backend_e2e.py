@@ -168,6 +168,37 @@ def test_new_version_is_picked_up_without_restart(
     assert versions == [old, new]
 
 
+def test_a_task_whose_image_fails_gets_no_prediction_and_is_asked_again(
+    label_studio_project: LabelStudioProject, backend: RunningBackend
+) -> None:
+    """A task the backend cannot read answers ``[]`` in its place: Label Studio stores nothing for it
+    (no "normal, score 0" sorting it as the most normal task), keeps the others', and sends it again."""
+    ls = label_studio_project.server
+    project = label_studio_project.id
+    version = backend.store.current_version(str(project))
+    before = _predictions_by_task(label_studio_project)
+    [broken] = ls.client.import_tasks(project, [{"image": "/data/local-files/?d=missing/no-such-image.png"}])
+    try:
+        for attempt in (1, 2):
+            sent = sum(1 for _, path, status, _ in backend.calls if path == "/predict" and status == 200)
+            ls.client.retrieve_predictions(project, [broken])
+            wait_for_predict = time.monotonic() + 30
+            while time.monotonic() < wait_for_predict and not (
+                sum(1 for _, path, status, _ in backend.calls if path == "/predict" and status == 200) > sent
+            ):
+                time.sleep(0.2)
+            assert ls.predictions(broken) == [], f"attempt {attempt}: a prediction was stored"
+        # asked again: Label Studio only re-sends tasks without a prediction of the current version
+        assert sum(1 for _, path, _, _ in backend.calls if path == "/predict") >= 2
+        after = _predictions_by_task(label_studio_project)
+        assert {t: [p["id"] for p in ps] for t, ps in after.items() if t != broken} == {
+            t: [p["id"] for p in ps] for t, ps in before.items()
+        }
+        assert all(p["model_version"] == version for t, ps in after.items() if t != broken for p in ps)
+    finally:
+        ls.client.request("DELETE", f"/api/tasks/{broken}/")
+
+
 def test_training_and_annotation_webhooks_are_handed_off(
     label_studio_project: LabelStudioProject, backend: RunningBackend
 ) -> None:

@@ -109,8 +109,8 @@ def test_predict_keeps_order_survives_bad_tasks_and_hot_swaps(
     assert answer.status_code == 200
     results = answer.json()["results"]
     assert len(results) == 5
-    assert [r["model_version"] for r in results] == [v1] * 5
-    assert [r["result"] for r in results[1:2] + results[3:]] == [[], [], []]
+    assert [r["model_version"] for r in results[:1] + results[2:3]] == [v1] * 2
+    assert results[1:2] + results[3:] == [[], [], []]  # failed tasks: no prediction, asked again later
     assert results[0]["score"] > results[2]["score"]
     verdicts = {r["from_name"]: r for r in results[0]["result"]}
     assert verdicts["verdict"]["value"]["choices"] == [expected.label]

@@ -205,6 +205,34 @@ def test_label_studio_unreachable_is_retried_with_backoff(worker_env):
     assert "unreachable" in info["error"]
 
 
+def test_label_studio_still_down_after_the_retries_fails_the_job_with_the_reason(
+    worker_env, monkeypatch: pytest.MonkeyPatch
+):
+    """Backoff between attempts (RETRAIN_RETRY_INTERVALS), then a failed job that says why and how often
+    it tried; the project can be retrained again at once (the job no longer blocks it)."""
+    from defect_assist.core.settings import get_settings
+    from defect_assist_worker.status import describe_job
+    from defect_assist_worker.triggers import request_retrain
+
+    monkeypatch.setenv("RETRAIN_RETRY_INTERVALS", "1,2")
+    get_settings.cache_clear()
+    connection = _connection(worker_env["url"])
+    answer = request_retrain("14", "ls down for good", connection=connection)
+    worker_env["start_worker"]("gives-up")
+    job = wait_for(
+        lambda: (j := Job.fetch(answer["job_id"], connection=connection)).get_status() == "failed" and j,
+        120,
+        0.2,
+        "job failed after its retries",
+    )
+    info = describe_job(job)
+    assert info["stage"] == "failed" and info["retries_left"] == 0
+    assert "unreachable" in info["error"] and "gave up after 3 attempts" in info["error"], info["error"]
+    assert job.meta["attempt"] == 3
+    again = request_retrain("14", "after the outage", connection=connection)
+    assert again["status"] == "queued" and again["job_id"] != answer["job_id"]
+
+
 def test_http_router_requests_retrain_and_lists_jobs(worker_env, train_normals):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient

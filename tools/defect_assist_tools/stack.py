@@ -252,6 +252,9 @@ def _smoke_predict(stack: Stack, backend_url: str) -> None:
         .json()
     )
     for path, result in zip(samples, answer["results"], strict=True):
+        if not isinstance(result, dict):  # that image failed: the backend's log says why
+            stack.lines.append(f"/predict {path.parent.name}/{path.name}: no prediction (see backend.log)")
+            continue
         choices = [r["value"]["choices"][0] for r in result.get("result", []) if r.get("type") == "choices"]
         stack.lines.append(
             f"/predict {path.parent.name}/{path.name}: score {result.get('score', float('nan')):.3f}, "

@@ -208,7 +208,14 @@ def retrain(
         raise
     except TRANSIENT_ERRORS as error:
         transient = bool(job is not None and job.retries_left)
-        progress.set(stage="waiting-retry" if transient else "failed", error=str(error))
+        if transient:
+            progress.set(stage="waiting-retry", error=str(error))
+            raise
+        attempts = int(progress.facts.get("attempt") or 1)
+        reason = f"{error} (gave up after {attempts} attempt{'s' if attempts > 1 else ''})"
+        progress.set(stage="failed", error=reason)
+        if card is not None:
+            card.outcome(None, reason)
         raise
     except Exception as error:
         if job is not None:

@@ -34,9 +34,14 @@ logger = logging.getLogger(__name__)
 
 JOB_FUNCTION = "defect_assist_worker.jobs.retrain"
 PENDING = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
-RETRY = Retry(max=3, interval=[10, 30, 90])
 RESULT_TTL = 7 * 24 * 3600
 FAILURE_TTL = 30 * 24 * 3600
+
+
+def retry_policy(intervals: str) -> Retry | None:
+    """rq's retry of a job that found Label Studio unreachable: one retry per interval (seconds)."""
+    seconds = [max(0, int(float(part))) for part in intervals.split(",") if part.strip()]
+    return Retry(max=len(seconds), interval=seconds) if seconds else None
 
 
 def _state_key(project: str) -> str:
@@ -72,7 +77,7 @@ def _enqueue(
         "job_timeout": get_settings().retrain_job_timeout,
         "result_ttl": RESULT_TTL,
         "failure_ttl": FAILURE_TTL,
-        "retry": RETRY,
+        "retry": retry_policy(get_settings().retrain_retry_intervals),
         "description": f"retrain project {project} ({reason})",
         "meta": {
             "project": project,

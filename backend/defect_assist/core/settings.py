@@ -84,6 +84,11 @@ class Settings(BaseSettings):
         default_factory=dict, description='JSON model options, e.g. {"image_size": 128}.'
     )
     retrain_job_timeout: int = Field(4 * 3600, description="Seconds before a retrain job is killed.")
+    retrain_retry_intervals: str = Field(
+        "10,30,90",
+        description="Seconds before each retry of a retrain that found Label Studio unreachable "
+        "(comma-separated; one retry per value, then the job fails).",
+    )
 
     # Similarity search
     qdrant_url: str = Field("", description="Qdrant server URL; empty = embedded storage under QDRANT_PATH.")

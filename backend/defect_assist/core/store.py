@@ -15,6 +15,7 @@ training images (see ``defect_assist.training.image_archive``).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -22,7 +23,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +43,18 @@ _PROJECT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 class StoreError(RuntimeError):
     """The store was asked for something it does not hold."""
+
+
+class PublishError(StoreError):
+    """Publishing failed on the filesystem (disk full, quota, read-only); the current version is unchanged
+    and no partial version is left."""
+
+    def __init__(self, project: str, step: str, error: OSError) -> None:
+        reason = error.strerror or str(error)
+        super().__init__(
+            f"project {project}: publishing failed while {step}: {reason}; the current version is unchanged"
+        )
+        self.errno = error.errno
 
 
 class VersionConflict(StoreError):
@@ -217,12 +230,22 @@ class ModelStore:
             directory = self.project_dir(project)
             self._sweep_temporaries(directory)
             temporary = directory / f".tmp-{uuid.uuid4().hex}"
-            model.save(temporary)
-            if not make_current:
-                reason = candidate_reason or "published without being made current"
-                marker = {"reason": reason, "created": _now()}
-                (temporary / CANDIDATE_FILE).write_text(json.dumps(marker, indent=2))
-            _fsync_tree(temporary)
+            try:
+                model.save(temporary)
+                if not make_current:
+                    reason = candidate_reason or "published without being made current"
+                    marker = {"reason": reason, "created": _now()}
+                    (temporary / CANDIDATE_FILE).write_text(json.dumps(marker, indent=2))
+                _fsync_tree(temporary)
+            except Exception as error:  # nothing was published: no half-written model is left
+                full = _nearly_full(directory)  # before the cleanup frees the space again
+                shutil.rmtree(temporary, ignore_errors=True)
+                if isinstance(error, OSError):  # disk full, quota, read-only
+                    raise PublishError(project, "writing the model", error) from error
+                if full:  # torch.save reports a full disk as a RuntimeError of its zip writer
+                    no_space = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    raise PublishError(project, "writing the model", no_space) from error
+                raise
             numbers = [v.number for v in self.versions(project)]
             existing = [int(m.group(1)) for p in directory.iterdir() if (m := VERSION_PATTERN.match(p.name))]
             number = max(numbers + existing + [0]) + 1
@@ -231,8 +254,19 @@ class ModelStore:
             os.rename(temporary, final)
             _fsync_dir(directory)
             if make_current:
-                self._write_pointer(directory, name)
+                try:
+                    self._write_pointer(directory, name)
+                except OSError as error:  # the version exists, complete, but the old one still serves
+                    self._mark_candidate(final, f"published but not made current: {error}")
+                    raise PublishError(project, f"making {name} current", error) from error
         return self._info(project, final, self.current_version(project) == name)
+
+    @staticmethod
+    def _mark_candidate(version_dir: Path, reason: str) -> None:
+        """Best effort (the disk may still be full): a version that never became current reads as a
+        candidate, which ``promote`` can make current once there is room."""
+        with suppress(OSError):
+            (version_dir / CANDIDATE_FILE).write_text(json.dumps({"reason": reason, "created": _now()}))
 
     def set_current(self, project: str, version: str, note: str = "set current") -> VersionInfo:
         """Point ``current`` at an existing version (rollback, roll forward or promote a candidate)."""
@@ -278,17 +312,30 @@ class ModelStore:
     @staticmethod
     def _write_pointer(directory: Path, name: str) -> None:
         temporary = directory / f".{CURRENT_FILE}.{uuid.uuid4().hex}"
-        with open(temporary, "w") as handle:
-            handle.write(name + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, directory / CURRENT_FILE)
+        try:
+            with open(temporary, "w") as handle:
+                handle.write(name + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, directory / CURRENT_FILE)
+        except OSError:
+            temporary.unlink(missing_ok=True)
+            raise
         _fsync_dir(directory)
 
     @staticmethod
     def _sweep_temporaries(directory: Path) -> None:
         for path in directory.glob(".tmp-*"):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _nearly_full(path: Path, margin: int = 1 << 20) -> bool:
+    """Less than ``margin`` bytes free for this user on ``path``'s file system."""
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < margin
 
 
 def _now() -> str:

@@ -178,8 +178,10 @@ class DefectModel:
 
         with self.activity.predicting(pid):
             answers = self.batch.run(tasks, model, spec, origin, render, project=pid)
-        empty = {"result": [], "score": 0.0, "model_version": version}
-        return {"results": [answer or dict(empty) for answer in answers], "model_version": version}
+        # A failed task answers an empty list of predictions: Label Studio (1.23 takes a list per task)
+        # keeps the batch aligned, stores nothing for it and asks again later, instead of storing a
+        # "normal, score 0" that would sort the unread image as the most normal one for this version.
+        return {"results": [answer or [] for answer in answers], "model_version": version}
 
     def versions(self, project: Any | None = None) -> dict[str, Any]:
         if project is None:

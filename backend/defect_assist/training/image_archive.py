@@ -65,7 +65,11 @@ class ImageArchive:
             try:
                 os.link(source, temporary)
             except OSError:  # another file system, no permission, no hard links: copy
-                shutil.copyfile(source, temporary)
+                try:
+                    shutil.copyfile(source, temporary)
+                except OSError:  # disk full: no half-copied file is left
+                    temporary.unlink(missing_ok=True)
+                    raise
             os.replace(temporary, target)
             added += 1
         return added

@@ -24,7 +24,7 @@ from defect_assist.core.labeled_calibration import evaluate_and_calibrate
 from defect_assist.core.models.registry import create_model
 from defect_assist.core.refinement import MIN_CORRECTED
 from defect_assist.core.settings import Settings, resolve_device
-from defect_assist.core.store import ModelStore
+from defect_assist.core.store import ModelStore, PublishError
 from defect_assist.training.image_archive import ImageArchive
 from defect_assist.training.image_cache import digest_of
 from defect_assist.training.mode import choose_mode
@@ -126,7 +126,10 @@ def train_and_publish(
     metrics = _check_on_labels(model, held_out, anomalies, progress)
     check = _compare(model, current, reference, new_by_current, compare, defects, progress)
     referenced = {*trained, *plan.check, *plan.defects}  # what a later retrain may need back
-    kept = archive.keep({d: p for d, p in (paths | known).items() if d in referenced})
+    try:
+        kept = archive.keep({d: p for d, p in (paths | known).items() if d in referenced})
+    except OSError as error:  # disk full before the publish: the current version keeps serving
+        raise PublishError(project, "keeping the training images", error) from error
     assert model.metadata is not None
     model.metadata.update = chosen
     model.metadata.metrics |= metrics
