@@ -24,8 +24,8 @@ from serving_fakes import FakeServer, chunked, png_header_only, running, send, t
 from defect_assist.core.settings import Settings
 from defect_assist.core.store import ModelStore
 from defect_assist.label_studio.client import project_id
+from defect_assist.label_studio.image_sources import HostRule, label_studio_path_ok
 from defect_assist.serving import create_app
-from defect_assist.serving.image_sources import HostRule, label_studio_path_ok
 from defect_assist.serving.limits import FairLock
 from defect_assist_tools.serve import exposure_warning
 

@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import pytest
 
 from defect_assist.core.settings import Settings
+from defect_assist.label_studio.image_sources import ImageRefused
 from defect_assist.serving.app import image_sources
-from defect_assist.serving.image_sources import ImageRefused
 from defect_assist.serving.limits import ServingLimits
 from defect_assist_tools.stack import StackOptions, child_env
 

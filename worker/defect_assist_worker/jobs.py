@@ -183,6 +183,7 @@ def retrain(
             "source": data.source,
             "n_tasks": data.n_tasks,
             "downloaded": data.downloaded,
+            "skipped_images": data.skipped,
             "started_at": started_at,
             "finished_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
         }

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -28,8 +27,8 @@ from starlette.routing import NoMatchFound
 from defect_assist.core.settings import Settings, get_settings
 from defect_assist.core.store import ModelStore
 from defect_assist.label_studio.client import LabelStudioClient, project_id
+from defect_assist.label_studio.image_sources import ImageSources
 from defect_assist.label_studio.label_config import LabelConfigError
-from defect_assist.serving.image_sources import ImageSources
 from defect_assist.serving.label_studio_sync import LabelStudioSync
 from defect_assist.serving.limits import GuardMiddleware, ServingLimits
 from defect_assist.serving.model import DefectModel, WebhookHandler
@@ -67,15 +66,7 @@ def _url_for(request: Request, name: str, **params: str) -> str | None:
 
 def image_sources(settings: Settings, limits: ServingLimits) -> ImageSources:
     """The image source rule of these settings (docs/reliability.md)."""
-    roots = [r for r in settings.image_local_roots.split(os.pathsep) if r.strip()]
-    return ImageSources(
-        settings.label_studio_url,
-        local_files_root=settings.local_files_document_root or None,
-        local_roots=[settings.local_files_document_root, *roots, settings.datasets_dir],
-        allowed_hosts=settings.image_allowed_hosts,
-        allow_private=settings.allow_private_image_hosts,
-        max_bytes=limits.max_image_bytes,
-    )
+    return ImageSources.from_settings(settings, limits.max_image_bytes)
 
 
 async def _body(request: Request) -> Any:

@@ -20,8 +20,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from defect_assist.core.images import ImageLoadError, image_size, load_image
-from defect_assist.label_studio.label_config import ControlSpec
-from defect_assist.serving.image_sources import (
+from defect_assist.label_studio.image_sources import (
     Fetch,
     ImageFetchError,
     ImageRefused,
@@ -29,6 +28,7 @@ from defect_assist.serving.image_sources import (
     LabelStudioOrigin,
     describe,
 )
+from defect_assist.label_studio.label_config import ControlSpec
 from defect_assist.serving.limits import FairLock, ServingLimits
 
 logger = logging.getLogger(__name__)

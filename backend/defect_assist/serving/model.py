@@ -19,10 +19,10 @@ from typing import Any
 
 from defect_assist.core.store import ModelStore
 from defect_assist.label_studio.client import LabelStudioClient, project_id
+from defect_assist.label_studio.image_sources import ImageSources, LabelStudioOrigin
 from defect_assist.label_studio.label_config import ControlSpec, LabelConfigError
 from defect_assist.label_studio.regions import prediction_regions
 from defect_assist.serving.batch import BatchPredictor
-from defect_assist.serving.image_sources import ImageSources, LabelStudioOrigin
 from defect_assist.serving.label_studio_sync import ProjectActivity
 from defect_assist.serving.limits import FairLock, LRUDict, ServingLimits
 

@@ -1,7 +1,7 @@
 """HTTP endpoint for similarity search: a FastAPI router the backend app includes.
 
 ``POST /similar`` with a multipart image upload (field ``image``) or ``GET /similar?path=...`` (an
-image file under an allowed local root, the rule of task images: serving.image_sources; any other
+image file under an allowed local root, the rule of task images: label_studio.image_sources; any other
 path answers the same 404 as a missing one, so nothing tells whether a server file exists); query
 parameters ``project`` and ``k``. Returns the query's
 score/verdict and its neighbours (similarity, path, split, label, defect type, score, LS task id,
@@ -20,7 +20,7 @@ from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from defect_assist.core.images import ImageLoadError, image_size
-from defect_assist.serving.image_sources import ImageFetchError, ImageRefused
+from defect_assist.label_studio.image_sources import ImageFetchError, ImageRefused
 from defect_assist.similarity.indexing import query_similar
 from defect_assist.similarity.local_storage import IndexBusyError
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from defect_assist.label_studio.client import LabelStudioClient
+    from defect_assist.label_studio.image_sources import ImageSources
 
 
 class ImageCache:
@@ -46,14 +48,19 @@ class ImageCache:
             os.replace(temporary, entry)
         return path
 
-    def fetch(self, url: str, client: LabelStudioClient) -> tuple[Path, bool]:
-        """``(path, downloaded)``: the cached file for ``url``, downloading it only the first time."""
+    def fetch(
+        self, url: str, client: LabelStudioClient, sources: ImageSources, timeout: float = 15.0
+    ) -> tuple[Path, bool]:
+        """``(path, downloaded)``: the cached file for ``url``, read through ``sources`` (the source rule,
+        the byte limit, a ``timeout`` deadline) only the first time; ImageRefused / ImageFetchError."""
         cached = self.lookup(url)
         if cached is not None:
             return cached, False
-        if url.startswith("/") and not url.startswith("/data/") and Path(url).exists():
-            return self.put(Path(url).read_bytes(), url), True
-        return self.put(client.fetch_image(url), url), True
+        from defect_assist.label_studio.image_sources import Fetch, LabelStudioOrigin
+
+        origin = LabelStudioOrigin(client.url, client.token)
+        data = sources.fetch(url, origin, time.monotonic() + timeout, Fetch())
+        return self.put(data, url), True
 
 
 def digest_of(path: Path) -> str:

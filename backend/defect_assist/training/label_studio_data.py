@@ -1,7 +1,14 @@
-"""A project's annotations in Label Studio as a training set: normals, and anomalies with masks."""
+"""A project's annotations in Label Studio as a training set: normals, and anomalies with masks.
+
+Task images are read under the same source rule as serving (:mod:`defect_assist.label_studio.image_sources`,
+docs/reliability.md): an image whose source is refused, or that an allowed host other than Label Studio
+fails to give, is left out with a logged reason (``skipped``); Label Studio itself failing to give one
+(unreachable, 5xx) is :class:`LabelStudioUnavailable`, which the worker retries.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,7 +17,8 @@ import numpy as np
 
 from defect_assist.core.settings import Settings
 from defect_assist.label_studio.annotations import labeled_images
-from defect_assist.label_studio.client import LabelStudioClient
+from defect_assist.label_studio.client import LabelStudioClient, LabelStudioUnavailable
+from defect_assist.label_studio.image_sources import ImageFetchError, ImageRefused, ImageSources, describe
 from defect_assist.training.image_cache import ImageCache
 from defect_assist.training.progress import TrainingProgress
 
@@ -24,18 +32,32 @@ class TrainingSet:
     source: str = "label-studio"
     n_tasks: int = 0
     downloaded: int = 0
+    skipped: list[str] = field(default_factory=list)  # "<reference>: <reason>" of images left out
+
+
+logger = logging.getLogger(__name__)
 
 
 def collect_label_studio(project: str, settings: Settings, progress: TrainingProgress) -> TrainingSet:
     """Export the project's annotations and cache their images."""
     progress("fetch", 0, 1)
-    with LabelStudioClient.from_settings(settings) as client:
-        tasks = client.export_tasks(project)
-        return _cache_images(tasks, Path(settings.cache_dir) / "images", client, progress)
+    sources = ImageSources.from_settings(settings, settings.max_image_bytes)
+    try:
+        with LabelStudioClient.from_settings(settings) as client:
+            tasks = client.export_tasks(project)
+            cache_dir = Path(settings.cache_dir) / "images"
+            return _cache_images(tasks, cache_dir, client, sources, progress, settings.image_fetch_timeout)
+    finally:
+        sources.close()
 
 
 def _cache_images(
-    tasks: list[dict[str, Any]], cache_dir: Path, client: LabelStudioClient, progress: TrainingProgress
+    tasks: list[dict[str, Any]],
+    cache_dir: Path,
+    client: LabelStudioClient,
+    sources: ImageSources,
+    progress: TrainingProgress,
+    timeout: float,
 ) -> TrainingSet:
     labeled = labeled_images(tasks)
     progress("fetch", 1, 1)
@@ -43,7 +65,20 @@ def _cache_images(
     found = TrainingSet(n_tasks=len(tasks))
     seen: set[str] = set()
     for i, item in enumerate(labeled):
-        path, downloaded = cache.fetch(item.url, client)
+        progress("download", i + 1, len(labeled))
+        try:
+            path, downloaded = cache.fetch(item.url, client, sources, timeout)
+        except ImageFetchError as error:
+            unavailable = error.status is None or error.status >= 500
+            if sources.on_label_studio(item.url) and unavailable:
+                raise LabelStudioUnavailable(f"cannot fetch image {describe(item.url)}: {error}") from error
+            found.skipped.append(f"{describe(item.url)}: {error}")
+            logger.warning("retrain: image %s left out: %s", describe(item.url), error)
+            continue
+        except ImageRefused as error:
+            found.skipped.append(f"{describe(item.url)}: {error}")
+            logger.warning("retrain: image %s left out (source refused): %s", describe(item.url), error)
+            continue
         found.downloaded += downloaded
         if path.name in seen:  # the same image in two tasks: keep it once
             continue
@@ -52,5 +87,4 @@ def _cache_images(
             found.normals.append(path)
         else:
             found.anomalies.append((path, item.mask))
-        progress("download", i + 1, len(labeled))
     return found

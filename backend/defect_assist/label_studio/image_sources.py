@@ -35,6 +35,8 @@ from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 
 import httpcore
 
+from defect_assist.core.settings import Settings
+
 CHUNK = 256 * 1024
 MAX_REDIRECTS = 5
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
@@ -47,6 +49,10 @@ class ImageRefused(Exception):
 
 class ImageFetchError(Exception):
     """The source is allowed but the image could not be fetched (HTTP error, too large, too slow)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status when the source answered one
 
 
 @dataclass(frozen=True)
@@ -259,6 +265,27 @@ class ImageSources:
             self._trusted.add((host, port))
             self._label_studio.add((scheme, host, port))
 
+    @classmethod
+    def from_settings(cls, settings: Settings, max_bytes: int) -> ImageSources:
+        """The rule of these settings: LS host, local roots (``LOCAL_FILES_DOCUMENT_ROOT``,
+        ``IMAGE_LOCAL_ROOTS``, ``DATASETS_DIR``) and the host rule (docs/reliability.md)."""
+        roots = [r for r in settings.image_local_roots.split(os.pathsep) if r.strip()]
+        return cls(
+            settings.label_studio_url,
+            local_files_root=settings.local_files_document_root or None,
+            local_roots=[settings.local_files_document_root, *roots, settings.datasets_dir],
+            allowed_hosts=settings.image_allowed_hosts,
+            allow_private=settings.allow_private_image_hosts,
+            max_bytes=max_bytes,
+        )
+
+    def on_label_studio(self, reference: str) -> bool:
+        """Whether ``reference`` is fetched from a Label Studio host (relative ``/data/`` or its URL)."""
+        text = str(reference).strip()
+        if text.startswith(("/data/", "data/")):
+            return True
+        return text.startswith(("http://", "https://")) and origin_of(text) in self._label_studio
+
     def close(self) -> None:
         self.pool.close()
 
@@ -327,7 +354,7 @@ class ImageSources:
                         url = urljoin(url, location.decode("latin-1"))
                         continue
                     if status >= 400:
-                        raise ImageFetchError(f"{describe(url)}: HTTP {status}")
+                        raise ImageFetchError(f"{describe(url)}: HTTP {status}", status=status)
                     return self._body(response, url, deadline)
             except (ImageRefused, ImageFetchError):
                 raise
