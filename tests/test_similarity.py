@@ -142,12 +142,14 @@ def test_http_similar_endpoint(tile_folder: Path, store: ModelStore, tmp_path: P
     from fastapi.testclient import TestClient
 
     from defect_assist.core.settings import get_settings
+    from defect_assist.label_studio.image_sources import ImageSources
     from defect_assist.serving.similarity_routes import router
 
     monkeypatch.setenv("MODEL_DIR", str(store.root))
     monkeypatch.setenv("QDRANT_PATH", str(tmp_path / "q"))
     monkeypatch.setenv("QDRANT_URL", "")
     monkeypatch.setenv("DEVICE", "cpu")
+    monkeypatch.setenv("IMAGE_LOCAL_ROOTS", str(tile_folder))  # ?path= reads only under the local roots
     get_settings.cache_clear()
     try:
         version = store.current_version(PROJECT)
@@ -160,6 +162,8 @@ def test_http_similar_endpoint(tile_folder: Path, store: ModelStore, tmp_path: P
             )
         app = FastAPI()
         app.include_router(router)
+        settings = get_settings()
+        app.state.image_sources = ImageSources.from_settings(settings, settings.max_image_bytes)
         client = TestClient(app)
         query = next((tile_folder / "test" / "uneven").glob("*.jpg"))
         by_path = client.get("/similar", params={"path": str(query), "project": PROJECT, "k": 3})
@@ -176,6 +180,10 @@ def test_http_similar_endpoint(tile_folder: Path, store: ModelStore, tmp_path: P
         assert body["query"]["path"] == query.name and len(body["neighbours"]) == 2
         assert body["neighbours"][0]["path"] == str(query) and body["neighbours"][0]["similarity"] > 0.999
         assert client.get("/similar", params={"path": str(query), "project": "nope"}).status_code == 404
+        outside = tmp_path / "outside.jpg"
+        outside.write_bytes(query.read_bytes())
+        refused = client.get("/similar", params={"path": str(outside), "project": PROJECT})
+        assert refused.status_code == 404 and "no such image" in refused.text  # as if it did not exist
 
         # one request opens the embedded storage once (count, stored-vector lookup and search)
         connect = LocalStorage._connect
