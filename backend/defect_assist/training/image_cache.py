@@ -8,9 +8,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from defect_assist.label_studio.image_sources import Fetch, ImageSources, LabelStudioOrigin
+
 if TYPE_CHECKING:
     from defect_assist.label_studio.client import LabelStudioClient
-    from defect_assist.label_studio.image_sources import ImageSources
 
 
 class ImageCache:
@@ -56,8 +57,6 @@ class ImageCache:
         cached = self.lookup(url)
         if cached is not None:
             return cached, False
-        from defect_assist.label_studio.image_sources import Fetch, LabelStudioOrigin
-
         origin = LabelStudioOrigin(client.url, client.token)
         data = sources.fetch(url, origin, time.monotonic() + timeout, Fetch())
         return self.put(data, url), True

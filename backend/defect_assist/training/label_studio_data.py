@@ -1,9 +1,9 @@
 """A project's annotations in Label Studio as a training set: normals, and anomalies with masks.
 
 Task images are read under the same source rule as serving (:mod:`defect_assist.label_studio.image_sources`,
-docs/reliability.md): an image whose source is refused, or that an allowed host other than Label Studio
-fails to give, is left out with a logged reason (``skipped``); Label Studio itself failing to give one
-(unreachable, 5xx) is :class:`LabelStudioUnavailable`, which the worker retries.
+docs/reliability.md): an image whose source is refused, that another allowed host fails to give, or that
+Label Studio answers with a 4xx, is left out with a logged reason (``skipped``); Label Studio itself
+unreachable or answering 5xx is :class:`LabelStudioUnavailable`, which the worker retries.
 """
 
 from __future__ import annotations
