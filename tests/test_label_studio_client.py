@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import pytest
 
 from defect_assist.core.models.prediction import Prediction
-from defect_assist.label_studio.client import LabelStudioClient, LabelStudioError, project_id
+from defect_assist.label_studio.client import project_id
 from defect_assist.label_studio.label_config import ControlSpec, LabelConfigError
 from defect_assist.label_studio.regions import mask_to_rle, prediction_regions, rle_to_mask
 
@@ -134,75 +130,3 @@ def test_normal_prediction_gives_only_the_verdict() -> None:
     ]
     failed = Prediction(source="x", error="cannot read image x: broken")
     assert prediction_regions(failed, ControlSpec.from_config(CONFIG)) == []
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """A tiny stand-in *HTTP server* for Label Studio's media routes (token checked like LS does)."""
-
-    files: ClassVar[dict[str, bytes]] = {}
-    seen_auth: ClassVar[list[str | None]] = []
-
-    def do_GET(self) -> None:
-        self.seen_auth.append(self.headers.get("Authorization"))
-        if self.path.startswith("/data/") and self.headers.get("Authorization") != f"Token {TOKEN}":
-            self.send_response(401)
-            self.end_headers()
-            return
-        body = self.files.get(self.path)
-        self.send_response(200 if body is not None else 404)
-        self.end_headers()
-        if body is not None:
-            self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def media_server(train_normals: list[Path]) -> Iterator[tuple[str, bytes]]:
-    image = train_normals[0].read_bytes()
-    _Handler.files = {
-        "/data/local-files/?d=magnetic_tile/a.jpg": image,
-        "/data/upload/1/b.jpg": image,
-        "/public/c.jpg": image,
-    }
-    _Handler.seen_auth = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", image
-    server.shutdown()
-    server.server_close()
-
-
-def test_fetch_image_from_every_kind_of_url(
-    media_server: tuple[str, bytes], train_normals: list[Path]
-) -> None:
-    url, image = media_server
-    with LabelStudioClient(url, TOKEN) as client:
-        assert client.fetch_image("/data/local-files/?d=magnetic_tile/a.jpg") == image
-        assert client.fetch_image("/data/upload/1/b.jpg") == image
-        assert client.fetch_image(f"{url}/data/upload/1/b.jpg") == image
-        assert _Handler.seen_auth == [f"Token {TOKEN}"] * 3
-        other_host = url.replace("127.0.0.1", "localhost")  # a foreign host never gets the token
-        assert client.fetch_image(f"{other_host}/public/c.jpg") == image
-        assert _Handler.seen_auth[-1] is None
-        assert client.fetch_image(str(train_normals[0])) == image
-        assert client.fetch_image(train_normals[0].as_uri()) == image
-        with pytest.raises(LabelStudioError, match="404"):
-            client.fetch_image("/data/upload/1/missing.jpg")
-        with pytest.raises(LabelStudioError, match="neither"):
-            client.fetch_image("/no/such/file.jpg")
-    with LabelStudioClient(url, "wrong") as client, pytest.raises(LabelStudioError, match="401"):
-        client.fetch_image("/data/local-files/?d=magnetic_tile/a.jpg")
-
-
-def test_local_files_root_reads_without_http(train_normals: list[Path]) -> None:
-    root = train_normals[0].parents[2]
-    relative = train_normals[0].relative_to(root)
-    client = LabelStudioClient(
-        "http://127.0.0.1:9", TOKEN, local_files_root=root
-    )  # nothing listens on port 9
-    assert client.fetch_image(f"/data/local-files/?d={relative}") == train_normals[0].read_bytes()
-    with pytest.raises(LabelStudioError, match=r"unreachable|cannot fetch"):
-        client.fetch_image("/data/local-files/?d=../../etc/passwd")  # outside the root: not read locally

@@ -1,9 +1,9 @@
-"""Label Studio REST client: token auth, project ids, task export and the bytes of task images.
+"""Label Studio REST client: token auth, project ids, task export, predictions and ML backends.
 
-``LabelStudioClient`` sends ``Authorization: Token <LABEL_STUDIO_API_KEY>`` to ``LABEL_STUDIO_URL``
-and resolves task image URLs (``/data/local-files/?d=``, ``/data/upload/``, absolute http(s),
-``file://`` and local paths). Network failures and 5xx answers raise :class:`LabelStudioUnavailable`
-(transient: a retrain job retries), other error answers :class:`LabelStudioError`.
+``LabelStudioClient`` sends ``Authorization: Token <LABEL_STUDIO_API_KEY>`` to ``LABEL_STUDIO_URL``.
+Network failures and 5xx answers raise :class:`LabelStudioUnavailable` (transient: a retrain job
+retries), other error answers :class:`LabelStudioError`. Task images are read by
+:mod:`defect_assist.label_studio.image_sources` (the source rule), not here.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import logging
 import re
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlparse
 
 import httpx
 
@@ -206,54 +205,6 @@ class LabelStudioClient:
                 self.request("PATCH", f"/api/webhooks/{hook['id']}", json={"headers": headers})
                 return int(hook["id"])
         return None
-
-    # ----------------------------------------------------------------- images
-    def resolve(self, url: str) -> str:
-        """Absolute URL or local path an image reference points at."""
-        url = str(url).strip()
-        if url.startswith(("http://", "https://")):
-            return url
-        if url.startswith("file://"):
-            return unquote(urlparse(url).path)
-        if url.startswith("/data/") or url.startswith("data/"):
-            return f"{self.url}/{url.lstrip('/')}"
-        return url  # a local path
-
-    def _local_file(self, url: str) -> Path | None:
-        """The file behind a ``/data/local-files/?d=`` URL when it is readable here (skips HTTP)."""
-        if self.local_files_root is None or "/data/local-files" not in url:
-            return None
-        relative = parse_qs(urlparse(url).query).get("d", [None])[0]
-        if not relative:
-            return None
-        path = (self.local_files_root / relative).resolve()
-        root = self.local_files_root.resolve()
-        return path if path.is_relative_to(root) and path.is_file() else None
-
-    def fetch_image(self, url: str) -> bytes:
-        """Bytes of the image a task refers to; raises LabelStudioError naming the URL."""
-        local = self._local_file(url)
-        if local is not None:
-            return local.read_bytes()
-        target = self.resolve(url)
-        if not target.startswith(("http://", "https://")):
-            path = Path(target).expanduser()
-            if not path.is_file():
-                raise LabelStudioError(f"image {url!r} is neither a Label Studio URL nor a readable file")
-            return path.read_bytes()
-        same_host = target.startswith(self.url + "/")
-        try:
-            if same_host:
-                response = self.http.get(target)
-            else:  # foreign hosts never receive the Label Studio token
-                response = httpx.get(target, timeout=self.http.timeout, follow_redirects=True)
-        except httpx.HTTPError as error:
-            raise LabelStudioUnavailable(f"cannot fetch image {url}: {error}") from error
-        if response.status_code >= 500:
-            raise LabelStudioUnavailable(f"cannot fetch image {url}: HTTP {response.status_code}")
-        if response.status_code >= 400:
-            raise LabelStudioError(f"cannot fetch image {url}: HTTP {response.status_code}")
-        return response.content
 
 
 def project_id(project: int | str | dict[str, Any] | None) -> str:
