@@ -14,8 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from defect_assist.core.settings import Settings
-from defect_assist.label_studio.image_sources import ImageRefused
-from defect_assist.serving.app import image_sources
+from defect_assist.label_studio.image_sources import ImageRefused, ImageSources
 from defect_assist.serving.limits import ServingLimits
 from defect_assist_tools.stack import StackOptions, child_env
 
@@ -28,7 +27,7 @@ def _backend_sources(env: dict[str, str], datasets: Path):  # type: ignore[no-un
         local_files_document_root=env.get("LOCAL_FILES_DOCUMENT_ROOT", ""),
         datasets_dir=datasets,
     )
-    return image_sources(settings, ServingLimits())
+    return ImageSources.from_settings(settings, ServingLimits().max_image_bytes)
 
 
 @pytest.mark.parametrize("with_label_studio", [False, True], ids=["no-label-studio", "label-studio"])

@@ -65,6 +65,16 @@ def _connection(url: str):
     return redis.Redis.from_url(url)
 
 
+def _wait_status(connection, job_id: str, status: str, timeout: float = 120) -> Job:
+    """The job once it has ``status`` (``scheduled`` for a retry, ``failed`` …)."""
+    return wait_for(
+        lambda: (j := Job.fetch(job_id, connection=connection)).get_status() == status and j,
+        timeout,
+        0.2,
+        f"job {job_id} {status}",
+    )
+
+
 def _wait_job(connection, job_id: str, timeout: float, workers: list[WorkerProcess]) -> Job:
     def done():
         job = Job.fetch(job_id, connection=connection)
@@ -194,12 +204,7 @@ def test_label_studio_unreachable_is_retried_with_backoff(worker_env):
     connection = _connection(worker_env["url"])
     answer = request_retrain("13", "ls down", connection=connection)  # LABEL_STUDIO_URL: closed port
     worker_env["start_worker"]("retry")
-    job = wait_for(
-        lambda: (j := Job.fetch(answer["job_id"], connection=connection)).get_status() == "scheduled" and j,
-        120,
-        0.2,
-        "retry scheduled",
-    )
+    job = _wait_status(connection, answer["job_id"], "scheduled")
     info = describe_job(job)
     assert info["retries_left"] == 2 and info["stage"] == "waiting-retry"
     assert "unreachable" in info["error"]
@@ -219,12 +224,7 @@ def test_label_studio_still_down_after_the_retries_fails_the_job_with_the_reason
     connection = _connection(worker_env["url"])
     answer = request_retrain("14", "ls down for good", connection=connection)
     worker_env["start_worker"]("gives-up")
-    job = wait_for(
-        lambda: (j := Job.fetch(answer["job_id"], connection=connection)).get_status() == "failed" and j,
-        120,
-        0.2,
-        "job failed after its retries",
-    )
+    job = _wait_status(connection, answer["job_id"], "failed")
     info = describe_job(job)
     assert info["stage"] == "failed" and info["retries_left"] == 0
     assert "unreachable" in info["error"] and "gave up after 3 attempts" in info["error"], info["error"]

@@ -64,11 +64,6 @@ def _url_for(request: Request, name: str, **params: str) -> str | None:
         return None
 
 
-def image_sources(settings: Settings, limits: ServingLimits) -> ImageSources:
-    """The image source rule of these settings (docs/reliability.md)."""
-    return ImageSources.from_settings(settings, limits.max_image_bytes)
-
-
 async def _body(request: Request) -> Any:
     """The JSON body, decoded off the event loop (a large body never stalls /health)."""
     return await run_in_threadpool(parse_json, await request.body())
@@ -102,7 +97,7 @@ def create_app(
             device=settings.device,
             webhook_handler=webhook_handler,
             limits=limits,
-            sources=image_sources(settings, limits),
+            sources=ImageSources.from_settings(settings, limits.max_image_bytes),
         )
     sync = LabelStudioSync(
         model.store,

@@ -68,16 +68,12 @@ def _cache_images(
         progress("download", i + 1, len(labeled))
         try:
             path, downloaded = cache.fetch(item.url, client, sources, timeout)
-        except ImageFetchError as error:
-            unavailable = error.status is None or error.status >= 500
-            if sources.on_label_studio(item.url) and unavailable:
+        except (ImageFetchError, ImageRefused) as error:
+            failed = isinstance(error, ImageFetchError) and (error.status is None or error.status >= 500)
+            if failed and sources.on_label_studio(item.url):
                 raise LabelStudioUnavailable(f"cannot fetch image {describe(item.url)}: {error}") from error
             found.skipped.append(f"{describe(item.url)}: {error}")
             logger.warning("retrain: image %s left out: %s", describe(item.url), error)
-            continue
-        except ImageRefused as error:
-            found.skipped.append(f"{describe(item.url)}: {error}")
-            logger.warning("retrain: image %s left out (source refused): %s", describe(item.url), error)
             continue
         found.downloaded += downloaded
         if path.name in seen:  # the same image in two tasks: keep it once
