@@ -205,9 +205,14 @@ def test_label_studio_unreachable_is_retried_with_backoff(worker_env):
     answer = request_retrain("13", "ls down", connection=connection)  # LABEL_STUDIO_URL: closed port
     worker_env["start_worker"]("retry")
     job = _wait_status(connection, answer["job_id"], "scheduled")
-    info = describe_job(job)
-    assert info["retries_left"] == 2 and info["stage"] == "waiting-retry"
-    assert "unreachable" in info["error"]
+    # rq (Job.retry) sets the status at once and saves the retry count with its pipeline: wait for both
+    info = wait_for(
+        lambda: (i := describe_job(Job.fetch(job.id, connection=connection)))["retries_left"] == 2 and i,
+        30,
+        0.2,
+        "retry count after the first failure",
+    )
+    assert info["stage"] == "waiting-retry" and "unreachable" in info["error"]
 
 
 def test_label_studio_still_down_after_the_retries_fails_the_job_with_the_reason(
