@@ -3,7 +3,8 @@
 One PatchCore fit on the train normals minus ``HEAD_NORMALS`` (the defect head's negatives, as a
 retrain holds normals out). Then for each N: a copy of the model learns from the first N of a fixed
 pseudo-random order of the test defect images with their masks (``evaluation.choose_corrected``, the
-path ``evaluate --corrected`` and a Label Studio retrain take: defect head + thresholds from labels)
+path ``evaluate --corrected`` and a Label Studio retrain take: tuned rule, cut memory or defect head,
+and thresholds from labels)
 and is scored on the test images outside the first ``max(N)`` — the same images for every N, never
 one it learned from.
 
@@ -59,12 +60,15 @@ def main() -> None:
         }
         learned = info.get("defect_head", {})
         rows[-1] |= {k: learned.get(k) for k in ("served", "mask_relative", "rule_dice_on_corrections")}
-        rows[-1]["head_dice_cross_validated"] = learned.get("head_dice_cross_validated")
+        for key in ("cuts_dice_leave_one_out", "head_dice_cross_validated"):
+            rows[-1][key] = learned.get(key)
         print(
             f"N {n:>2}: precision {served['precision']:.3f} recall {served['recall']:.3f} "
             f"F1 {served['f1']:.3f} Dice {served['mean_dice']:.3f} (≥0.5: {served['share_dice_ge_0_5']:.2f}) "
             f"normals masked {served['normals_with_mask']:.3f}; masks: {learned.get('served', 'rule')} "
             f"(relative {learned.get('mask_relative')}, "
+            f"rule LOO Dice {learned.get('rule_dice_on_corrections')}, "
+            f"cuts LOO Dice {learned.get('cuts_dice_leave_one_out')}, "
             f"head CV Dice {learned.get('head_dice_cross_validated')})",
             flush=True,
         )

@@ -167,7 +167,7 @@ def test_train_learns_served_masks_from_a_folder_of_corrected_defects(
     )
     metadata = json.loads(next((store / "5").glob("v0001-*/metadata.json")).read_text())
     assert metadata["extra"]["defect_head"]["n_corrected"] == 3
-    assert metadata["calibration"]["source"].endswith("labeled anomalies (F1-optimal)")
+    assert "labeled anomalies (F1-optimal" in metadata["calibration"]["source"]
 
 
 def test_evaluate_splits_test_into_fixed_halves(tiny_mvtec: Path) -> None:

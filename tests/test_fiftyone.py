@@ -247,13 +247,13 @@ def test_one_similarity_index_for_fiftyone_and_the_cli(env, tmp_path: Path, monk
     version = store.current_version(project)
     model = store.load(project, version, device="cpu")
     embedded: list[str] = []
-    embed_images = model.embed_images
+    predict_and_embed = model.predict_and_embed
 
     def counting(images, batch_size=8):
         embedded.extend(str(i) for i in images)
-        return embed_images(images, batch_size=batch_size)
+        return predict_and_embed(images, batch_size=batch_size)
 
-    monkeypatch.setattr(model, "embed_images", counting)
+    monkeypatch.setattr(model, "predict_and_embed", counting)
     n = len(walk_folder(env["root"]))
     build = dict(name="defect-assist-shared", model_version=version, project=project, persistent=False)
     dataset = build_dataset(env["root"], model, qdrant_path=qdrant, **build)

@@ -1,7 +1,9 @@
-"""Learning from corrected masks: the defect head on PatchCore's patch inputs."""
+"""Learning from corrected masks: the cut memory and the defect head on PatchCore's patch inputs."""
 
 from __future__ import annotations
 
+import io
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -59,11 +61,13 @@ def test_corrected_masks_make_served_masks_closer_on_other_defect_images(
     info = model.learn_from_corrections(corrected, normals)
     after = mean_dice()
     assert info["n_corrected"] == len(corrected)
-    assert info["served"] in ("defect head", "mask rule") and info["rule_dice_on_corrections"] > 0
+    assert info["served"] in ("defect head", "nearest corrected cut", "mask rule")
+    assert info["rule_dice_on_corrections"] > 0
     assert after > before + 0.05, (before, after, info)
     model.save(tmp_path / "m")
     reloaded = load_model(tmp_path / "m", device="cpu")
     assert (reloaded.defect_head is not None) == (info["served"] == "defect head")
+    assert (reloaded.cut_memory is not None) == (info["served"] == "nearest corrected cut")
     assert reloaded.calibration.mask_relative == info["mask_relative"]
     first = model.predict([others[0][0]])[0]
     assert np.array_equal(reloaded.predict([others[0][0]])[0].mask, first.mask)
@@ -92,6 +96,55 @@ def test_head_is_served_only_when_it_beats_the_tuned_rule_on_images_it_did_not_s
     corrections.mask_maps = [t.astype(np.float32) * 5 for t in corrections.truths]  # a perfect map
     learned = choose_masks(corrections, MaskRule(floor=1.0, base=0.0), size=8)
     assert learned.head is None and learned.rule_dice == pytest.approx(1.0)
+
+
+def _saved(state: dict) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_each_image_takes_the_cut_of_the_corrected_defect_it_resembles() -> None:
+    """Two kinds of defect want opposite cuts (a wide diffuse region, a small sharp spot in a halo):
+    no single relative cut fits both, the cut memory does, and a new image of either kind gets its
+    kind's cut through its descriptor."""
+    from defect_assist.core.mask_rule import MaskRule
+    from defect_assist.core.refinement import Corrections, CutMemory, choose_masks, defect_descriptors
+
+    rng = np.random.default_rng(0)
+    corrections = Corrections([], [], [], [])
+    kinds = {}
+    for image in range(8):
+        kind = "diffuse" if image % 2 else "sharp"
+        truth, mask_map = np.zeros((16, 16), bool), np.zeros((16, 16), np.float32)
+        if kind == "diffuse":  # the whole region is defect; its centre peaks
+            truth[4:12, 4:12], mask_map[4:12, 4:12], mask_map[8, 8] = True, 1.4, 3.0
+        else:  # only the spot is defect; the halo around it is merely unusual
+            mask_map[5:11, 5:11], mask_map[7:9, 7:9], truth[7:9, 7:9] = 2.0, 3.0, True
+        features = torch.from_numpy(rng.normal(scale=0.1, size=(4, 16, 16)).astype(np.float32))
+        features[0 if kind == "diffuse" else 1] += 1.0  # what tells the kinds apart
+        scores = torch.from_numpy(mask_map)[None]
+        inputs = torch.cat([features, scores, scores / 3.0])
+        corrections.inputs.append(inputs)
+        corrections.shares.append(torch.from_numpy(truth.astype(np.float32)))
+        corrections.truths.append(truth)
+        corrections.areas.append((0, 0, 16, 16))
+        corrections.mask_maps.append(mask_map)
+        corrections.descriptors.append(defect_descriptors(inputs[None])[0])
+        kinds[image] = kind
+    rule = MaskRule(floor=1.0, base=0.0)
+    learned = choose_masks(corrections, rule, size=16)
+    assert learned.cuts is not None and learned.served == "nearest corrected cut"
+    assert learned.cuts_dice == pytest.approx(1.0) and learned.rule_dice < 0.8
+    new = torch.stack([corrections.inputs[1], corrections.inputs[0]])  # a diffuse and a sharp defect
+    diffuse_cut, sharp_cut = learned.cuts.relatives_for(defect_descriptors(new))
+    assert diffuse_cut < 0.5 <= sharp_cut
+    saved = CutMemory.from_state(torch.load(_saved(learned.cuts.state()), weights_only=True))
+    assert saved.relatives_for(defect_descriptors(new)) == [diffuse_cut, sharp_cut]
+    for image, cut in ((1, diffuse_cut), (0, sharp_cut)):
+        served = replace(rule, relative=cut).apply(corrections.mask_maps[image], True)
+        assert np.array_equal(served, corrections.truths[image]), kinds[image]
 
 
 def test_models_without_patch_inputs_refuse_corrections() -> None:

@@ -7,7 +7,8 @@ The vector (``EMBEDDING_NAME``) has three L2-normalised parts, concatenated with
   what the surface looks like overall;
 * ``defect`` — the same patch features pooled with weights ``softmax(patch anomaly score / t)``,
   which concentrates on the most anomalous region: what the defect looks like. Both come from
-  ``AnomalyModel.embed_images`` (:class:`~defect_assist.core.models.Embedding`, filled by every model);
+  ``AnomalyModel.predict_and_embed`` (:class:`~defect_assist.core.models.Embedding`, filled by every
+  model, in the same pass as the score);
 * ``verdict`` — the model's normalised anomaly score ``s`` (0.5 = threshold) as the unit vector
   ``(cos θ, sin θ)``, ``θ = π/2 · s``, so normal images lean towards normal ones and anomalous ones
   towards anomalous ones.
@@ -92,14 +93,12 @@ class SimilarityEmbedder:
         return self.model.predict(list(images), batch_size=self.batch_size)
 
     def embed(self, images: Sequence[ImageSource], keep_predictions: bool = False) -> EmbedResult:
-        """Embeddings, scores and errors (two passes: ``predict`` and ``embed_images``).
+        """Embeddings, scores and errors, in one pass (``AnomalyModel.predict_and_embed``).
 
         ``keep_predictions`` also returns the full predictions (anomaly maps, masks).
         """
-        images = list(images)
-        predictions = self.model.predict(images, batch_size=self.batch_size)
+        predictions, embedded = self.model.predict_and_embed(list(images), batch_size=self.batch_size)
         scores = np.array([p.score if p.ok else np.nan for p in predictions], dtype=np.float64)
-        embedded = self.model.embed_images(images, batch_size=self.batch_size)
         errors = [e or p.error for e, p in zip(embedded.errors, predictions, strict=True)]
         vectors = combine(embedded.pooled, embedded.defect, scores, self.weights)
         vectors[[e is not None for e in errors]] = np.nan

@@ -18,7 +18,7 @@ import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -40,9 +40,15 @@ from defect_assist.core.models.metadata import (
     fingerprint_sources,
 )
 from defect_assist.core.models.prediction import Embedding, ImageEmbeddings, Prediction, stack_rows
-from defect_assist.core.preprocessing import ResizeMode, fit_into_square, map_to_original, to_tensor
+from defect_assist.core.preprocessing import (
+    Placement,
+    ResizeMode,
+    fit_into_square,
+    map_to_original,
+    to_tensor,
+)
 from defect_assist.core.progress import ProgressCallback
-from defect_assist.core.refinement import DefectHead, learn_from_corrections
+from defect_assist.core.refinement import CutMemory, DefectHead, defect_descriptors, learn_from_corrections
 from defect_assist.core.settings import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -67,6 +73,7 @@ class AnomalyModel(ABC):
         self.calibration: Calibration | None = None
         self.metadata: ModelMetadata | None = None
         self.defect_head: DefectHead | None = None  # learned from corrected masks (core.refinement)
+        self.cut_memory: CutMemory | None = None  # the same, as the cut of the nearest corrected defect
         self.mean, self.std = backbones.normalisation(self.config.backbone)
 
     # ----------------------------------------------------------------- to implement per model
@@ -105,23 +112,45 @@ class AnomalyModel(ABC):
 
     def _infer_with_patch_inputs(
         self, tensor: torch.Tensor, valid: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`_infer_valid` plus per-patch inputs ``(B, C, h, w)`` for the defect head."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_infer_with_mask_maps` plus per-patch inputs ``(B, C, h, w)`` for learning from
+        corrections (features, then the patch score and the score / image peak as the last two)."""
         raise NotImplementedError(f"{self.kind} does not learn from corrected masks")
 
     def _served_outputs(
-        self, tensor: torch.Tensor, valid: torch.Tensor
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, MaskRule | None]:
-        """Raw scores, anomaly maps, mask maps and the mask rule for one batch, as served."""
+        self, tensor: torch.Tensor, valid: torch.Tensor, embed: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[MaskRule | None], Embedding | None]:
+        """Raw scores, anomaly maps, mask maps and each image's mask rule for one batch, as served;
+        with ``embed`` also the similarity :class:`Embedding`, from the same forward pass where the
+        model can (models with patch inputs)."""
         assert self.calibration is not None
-        if self.defect_head is not None:
-            scores, maps, inputs = self._infer_with_patch_inputs(tensor, valid)
-            probabilities = self.defect_head.probabilities(inputs)
-            mask_maps, rule = DefectHead.upsampled(probabilities, self.image_size), self.defect_head.rule
+        rule, embedding = self.calibration.mask_rule(), None
+        if self.supports_corrections and (self.defect_head or self.cut_memory or embed):
+            scores, maps, mask_maps, inputs = self._infer_with_patch_inputs(tensor, valid)
+            rules = [rule]
+            if self.defect_head is not None:
+                probabilities = self.defect_head.probabilities(inputs)
+                mask_maps, rules = (
+                    DefectHead.upsampled(probabilities, self.image_size),
+                    [self.defect_head.rule],
+                )
+            elif self.cut_memory is not None and rule is not None:
+                relatives = self.cut_memory.relatives_for(defect_descriptors(inputs, valid))
+                rules = [replace(rule, relative=relative) for relative in relatives]
+            if embed:
+                embedding = self._embed_patch_inputs(inputs)
         else:
             scores, maps, mask_maps = self._infer_with_mask_maps(tensor, valid)
-            rule = self.calibration.mask_rule()
-        return *(t.float().cpu().numpy() for t in (scores, maps, mask_maps)), rule  # type: ignore[return-value]
+            rules = [rule]
+            if embed:
+                embedding = self.embed(tensor)
+        rules = rules * len(scores) if len(rules) == 1 else rules
+        arrays = (t.float().cpu().numpy() for t in (scores, maps, mask_maps))
+        return *arrays, rules, embedding  # type: ignore[return-value]
+
+    def _embed_patch_inputs(self, inputs: torch.Tensor) -> Embedding:
+        """:meth:`embed` from :meth:`_infer_with_patch_inputs`'s output (no second forward pass)."""
+        raise NotImplementedError(f"{self.kind} embeds from the image only")
 
     def learn_from_corrections(
         self, defects: Sequence[tuple[ImageSource, np.ndarray]], normals: Sequence[ImageSource]
@@ -130,7 +159,7 @@ class AnomalyModel(ABC):
         if not self.supports_corrections:
             raise NotImplementedError(f"{self.kind} does not learn from corrected masks")
         learned = learn_from_corrections(self, list(defects), list(normals))
-        self.defect_head = learned.head
+        self.defect_head, self.cut_memory = learned.head, learned.cuts
         if learned.relative is not None and self.calibration is not None:
             self.calibration.mask_relative = learned.relative
         info = {**learned.info(), "n_corrected": len(defects), "n_normal_images": len(normals)}
@@ -311,36 +340,54 @@ class AnomalyModel(ABC):
         progress: ProgressCallback | None = None,
     ) -> list[Prediction]:
         """Predict every image; an unreadable one gets a :class:`Prediction` with ``error`` set."""
+        return self._predict(as_sources(images), batch_size, progress, embed=False)[0]
+
+    @torch.no_grad()
+    def predict_and_embed(
+        self, images: Sequence[ImageSource], batch_size: int = 8
+    ) -> tuple[list[Prediction], ImageEmbeddings]:
+        """:meth:`predict` and :meth:`embed_images` in one pass: each image decoded once and, for
+        models with patch inputs (PatchCore), one backbone forward for the score and the embedding."""
+        return self._predict(as_sources(images), batch_size, None, embed=True)  # type: ignore[return-value]
+
+    def _predict(
+        self, sources: Sequence[ImageSource], batch_size: int, progress: ProgressCallback | None, embed: bool
+    ) -> tuple[list[Prediction], ImageEmbeddings | None]:
         if self.calibration is None:
             raise RuntimeError("model is not fitted")
-        sources = as_sources(images)
         results: list[Prediction] = [Prediction(source=describe_source(s)) for s in sources]
+        pooled: list[np.ndarray | None] = [None] * len(sources)
+        defect: list[np.ndarray | None] = [None] * len(sources)
         for start in range(0, len(sources), batch_size):
             loaded = self.load_batch(sources[start : start + batch_size], start)
             for index, message in loaded.errors.items():
                 results[index].error = message
             if loaded.tensor is None:
                 continue
-            raw_scores_np, raw_maps_np, mask_maps_np, rule = self._served_outputs(
-                loaded.tensor.to(self.device), loaded.valid_mask(self.image_size, self.device)
+            raw_scores_np, raw_maps_np, mask_maps_np, rules, embedding = self._served_outputs(
+                loaded.tensor.to(self.device), loaded.valid_mask(self.image_size, self.device), embed
             )
             for j, index in enumerate(loaded.indices):
-                placement = loaded.placements[j]
-                anomaly_map = self.calibration.normalise_map(map_to_original(raw_maps_np[j], placement))
-                score = float(self.calibration.normalise_score(raw_scores_np[j]))
-                result = results[index]
-                result.raw_score = float(raw_scores_np[j])
-                result.score = score
-                result.is_anomalous = score >= 0.5
-                result.anomaly_map = anomaly_map
-                result.mask = (
-                    rule.apply(map_to_original(mask_maps_np[j], placement), result.is_anomalous)
-                    if rule
-                    else anomaly_map > 0.5
-                )
+                self._fill(results[index], loaded.placements[j], raw_scores_np[j], raw_maps_np[j])
+                result, rule = results[index], rules[j]
+                mask_map = map_to_original(mask_maps_np[j], loaded.placements[j])
+                result.mask = rule.apply(mask_map, result.is_anomalous) if rule else result.anomaly_map > 0.5
+                if embedding is not None:
+                    pooled[index] = embedding.pooled[j].float().cpu().numpy()
+                    defect[index] = embedding.defect[j].float().cpu().numpy()
             if progress:
                 progress("predict", min(start + batch_size, len(sources)), len(sources))
-        return results
+        if not embed:
+            return results, None
+        return results, ImageEmbeddings(stack_rows(pooled), stack_rows(defect), [r.error for r in results])
+
+    def _fill(self, result: Prediction, placement: Placement, raw_score: float, raw_map: np.ndarray) -> None:
+        """Score, verdict and anomaly map of one prediction (its mask is cut by the caller)."""
+        assert self.calibration is not None
+        result.raw_score = float(raw_score)
+        result.score = float(self.calibration.normalise_score(raw_score))
+        result.is_anomalous = result.score >= 0.5
+        result.anomaly_map = self.calibration.normalise_map(map_to_original(raw_map, placement))
 
     def predict_one(self, image: ImageSource) -> Prediction:
         return self.predict([image], batch_size=1)[0]
@@ -379,6 +426,7 @@ class AnomalyModel(ABC):
                 "config": self.config.to_dict(),
                 "state": self._state(),
                 "defect_head": self.defect_head.state() if self.defect_head else None,
+                "cut_memory": self.cut_memory.state() if self.cut_memory else None,
             },
             directory / WEIGHTS_FILE,
         )
@@ -393,6 +441,8 @@ class AnomalyModel(ABC):
         model._load_state(payload["state"])
         if payload.get("defect_head"):
             model.defect_head = DefectHead.from_state(payload["defect_head"])
+        if payload.get("cut_memory"):
+            model.cut_memory = CutMemory.from_state(payload["cut_memory"])
         model.metadata = metadata
         model.calibration = Calibration(**metadata.calibration)
         return model

@@ -85,13 +85,14 @@ class PatchcoreAnomalyModel(AnomalyModel):
 
     def _infer_with_patch_inputs(
         self, tensor: torch.Tensor, valid: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Scores, maps and the defect head's patch inputs: features, patch score, score / image peak."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scores, maps, mask maps and the patch inputs: features, patch score, score / image peak."""
         embedding = self.model.patch_embedding(tensor)
         scores, maps, grid = self.model.score_embedding(embedding, tensor.shape[-2:], valid)
+        mask_maps = self.mask_map_generator(grid[:, None], None, valid)[:, 0]
         peak = grid.flatten(1).max(dim=1).values.clamp_min(1e-6)[:, None, None]
         inputs = torch.cat([embedding, grid[:, None], (grid / peak)[:, None]], dim=1)
-        return scores, maps, inputs
+        return scores, maps, mask_maps, inputs
 
     @torch.no_grad()
     def embed(self, tensor: torch.Tensor) -> Embedding:
@@ -102,14 +103,22 @@ class PatchcoreAnomalyModel(AnomalyModel):
         anomalous region. Both pool the raw channels: layer balancing is for patch distances.
         """
         embedding = self.model.patch_embedding(tensor)  # B x D x h x w
+        batch, _, height, width = embedding.shape
+        patch_scores, _ = self.model.nearest_neighbors(self.model.reshape_embedding(embedding), n_neighbors=1)
+        return self._pool(embedding, patch_scores.reshape(batch, height, width))
+
+    def _embed_patch_inputs(self, inputs: torch.Tensor) -> Embedding:
+        return self._pool(inputs[:, :-2], inputs[:, -2])
+
+    def _pool(self, embedding: torch.Tensor, patch_scores: torch.Tensor) -> Embedding:
+        """:meth:`embed` from patch embeddings ``(B, D, h, w)`` and their patch scores ``(B, h, w)``."""
         channel_weights = self.model.channel_weights().to(embedding)
         pooled = F.normalize(embedding.mean(dim=(2, 3)) / channel_weights, dim=1)
         batch, dim, height, width = embedding.shape
-        flat = self.model.reshape_embedding(embedding)
-        patch_scores, _ = self.model.nearest_neighbors(flat, n_neighbors=1)
         temperature = self.calibration.pixel_scale if self.calibration else 1.0
         weights = torch.softmax(patch_scores.reshape(batch, -1) / max(temperature, 1e-6), dim=1)
-        weighted = torch.einsum("bn,bnd->bd", weights, flat.reshape(batch, height * width, dim))
+        flat = embedding.permute(0, 2, 3, 1).reshape(batch, height * width, dim)
+        weighted = torch.einsum("bn,bnd->bd", weights, flat)
         return Embedding(pooled=pooled, defect=F.normalize(weighted / channel_weights, dim=1))
 
     # ------------------------------------------------------------------ persistence
