@@ -12,7 +12,6 @@ atomically.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
 import time
@@ -32,13 +31,8 @@ from defect_assist.core.images import ImageLoadError, ImageSource, describe_sour
 from defect_assist.core.mask_rule import MaskRule
 from defect_assist.core.models.batches import LoadedBatch, as_sources, readable
 from defect_assist.core.models.config import ModelConfig
-from defect_assist.core.models.metadata import (
-    METADATA_FILE,
-    WEIGHTS_FILE,
-    FitReport,
-    ModelMetadata,
-    fingerprint_sources,
-)
+from defect_assist.core.models.metadata import FitReport, ModelMetadata, fingerprint_sources
+from defect_assist.core.models.persistence import load_saved_model, save_model
 from defect_assist.core.models.prediction import Embedding, ImageEmbeddings, Prediction, stack_rows
 from defect_assist.core.preprocessing import (
     Placement,
@@ -130,10 +124,8 @@ class AnomalyModel(ABC):
             rules = [rule]
             if self.defect_head is not None:
                 probabilities = self.defect_head.probabilities(inputs)
-                mask_maps, rules = (
-                    DefectHead.upsampled(probabilities, self.image_size),
-                    [self.defect_head.rule],
-                )
+                mask_maps = DefectHead.upsampled(probabilities, self.image_size)
+                rules = [self.defect_head.rule]
             elif self.cut_memory is not None and rule is not None:
                 relatives = self.cut_memory.relatives_for(defect_descriptors(inputs, valid))
                 rules = [replace(rule, relative=relative) for relative in relatives]
@@ -392,57 +384,15 @@ class AnomalyModel(ABC):
     def predict_one(self, image: ImageSource) -> Prediction:
         return self.predict([image], batch_size=1)[0]
 
-    @torch.no_grad()
     def embed_images(self, images: Sequence[ImageSource], batch_size: int = 8) -> ImageEmbeddings:
-        """:meth:`embed` of every image; an unreadable one gets NaN rows and its error."""
-        sources = as_sources(images)
-        pooled: list[np.ndarray | None] = [None] * len(sources)
-        defect: list[np.ndarray | None] = [None] * len(sources)
-        errors: list[str | None] = [None] * len(sources)
-        for start in range(0, len(sources), batch_size):
-            loaded = self.load_batch(sources[start : start + batch_size], start)
-            for index, message in loaded.errors.items():
-                errors[index] = message
-            if loaded.tensor is None:
-                continue
-            embedding = self.embed(loaded.tensor.to(self.device))
-            batch_pooled = embedding.pooled.float().cpu().numpy()
-            batch_defect = embedding.defect.float().cpu().numpy()
-            for j, index in enumerate(loaded.indices):
-                pooled[index], defect[index] = batch_pooled[j], batch_defect[j]
-        return ImageEmbeddings(stack_rows(pooled), stack_rows(defect), errors)
+        """The similarity embeddings of every image (:meth:`predict_and_embed` without its predictions)."""
+        return self.predict_and_embed(images, batch_size)[1]
 
     # ----------------------------------------------------------------- persistence
     def save(self, directory: str | Path) -> None:
         """Write ``metadata.json`` and ``weights.pt`` into ``directory`` (created if needed)."""
-        if self.metadata is None or self.calibration is None:
-            raise RuntimeError("cannot save an unfitted model")
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.metadata.calibration = asdict(self.calibration)
-        torch.save(
-            {
-                "kind": self.kind,
-                "config": self.config.to_dict(),
-                "state": self._state(),
-                "defect_head": self.defect_head.state() if self.defect_head else None,
-                "cut_memory": self.cut_memory.state() if self.cut_memory else None,
-            },
-            directory / WEIGHTS_FILE,
-        )
-        (directory / METADATA_FILE).write_text(json.dumps(asdict(self.metadata), indent=2, default=str))
+        save_model(self, Path(directory))
 
     @classmethod
     def from_directory(cls, directory: str | Path, device: str = "auto") -> AnomalyModel:
-        directory = Path(directory)
-        metadata = ModelMetadata(**json.loads((directory / METADATA_FILE).read_text()))
-        payload = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=False)
-        model = cls(device=device, **{**cls.saved_model_defaults, **payload["config"]})
-        model._load_state(payload["state"])
-        if payload.get("defect_head"):
-            model.defect_head = DefectHead.from_state(payload["defect_head"])
-        if payload.get("cut_memory"):
-            model.cut_memory = CutMemory.from_state(payload["cut_memory"])
-        model.metadata = metadata
-        model.calibration = Calibration(**metadata.calibration)
-        return model
+        return load_saved_model(cls, Path(directory), device)
