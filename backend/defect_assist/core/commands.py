@@ -1,10 +1,10 @@
-"""Model-core commands: ``predict``, ``evaluate``, ``versions``, ``promote`` and ``rollback``."""
+"""Model-core commands: ``predict``, ``evaluate``, ``versions``, ``promote``, ``rollback`` and ``export``."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -218,7 +218,46 @@ def rollback(
     _store_command("rollback", project, version, model_dir)
 
 
+def export(
+    project: Annotated[str, typer.Option("--project", help="Project id.")],
+    version: Annotated[str | None, typer.Option(help="Version to export (default: current).")] = None,
+    check: Annotated[
+        Path | None, typer.Option(help="Folder of images: compare the export's predictions with torch's.")
+    ] = None,
+    model_dir: Annotated[Path | None, typer.Option(help="Model store root (default MODEL_DIR).")] = None,
+) -> None:
+    """Export a version as ONNX and OpenVINO IR (``<version>/export/``), served with INFERENCE_ENGINE."""
+    from defect_assist.core.export import ENGINES, ExportError, check_parity, export_dir, export_model
+    from defect_assist.core.images import collect_images
+    from defect_assist.core.store import ModelStore, StoreError
+
+    store = ModelStore(model_dir or get_settings().model_dir)
+    try:
+        name = version or store.current_version(project)
+        model = store.load(project, name, device="cpu")
+        directory = store.project_dir(project) / str(name)
+        manifest = export_model(model, export_dir(directory))
+    except (StoreError, ExportError) as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(1) from None
+    out.print(f"exported {project}/{name} to {export_dir(directory)} in {manifest.export_seconds} s")
+    if check is not None:
+        images: list[Any] = list(collect_images([check]))
+        table = Table("engine", "images", "max score diff", "max map diff", "min mask IoU", "verdicts differ")
+        for engine in ENGINES[1:]:
+            r = check_parity(model, directory, images, engine)
+            table.add_row(
+                r.engine,
+                str(r.images),
+                f"{r.max_score_difference:.2e}",
+                f"{r.max_map_difference:.2e}",
+                f"{r.min_mask_iou:.4f}",
+                str(r.verdicts_differing),
+            )
+        out.print(table)
+
+
 def register(app: typer.Typer) -> None:
     """Add the model-core commands to the CLI."""
-    for command in (predict, evaluate, versions, promote, rollback):
+    for command in (predict, evaluate, versions, promote, rollback, export):
         app.command()(command)

@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     model_dir: Path = Field(PROJECT_ROOT / "var" / "models", description="Root of the versioned model store.")
     model_kind: str = Field("patchcore", description="Model trained by default: patchcore or efficientad.")
     device: str = Field("auto", description="Torch device: auto (CUDA when present), cpu, cuda, cuda:1 …")
+    inference_engine: str = Field(
+        "torch", description="Serve with torch, or an export of the model: onnxruntime or openvino."
+    )
     cache_dir: Path = Field(
         PROJECT_ROOT / "var" / "cache", description="Downloaded images, distilled teachers, embeddings."
     )

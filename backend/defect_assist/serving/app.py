@@ -95,6 +95,7 @@ def create_app(
             ModelStore(settings.model_dir),
             LabelStudioClient.from_settings(settings),
             device=settings.device,
+            inference_engine=settings.inference_engine,
             webhook_handler=webhook_handler,
             limits=limits,
             sources=ImageSources.from_settings(settings, limits.max_image_bytes),

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
+from defect_assist.core.export import ExportError, use_export
 from defect_assist.core.store import ModelStore
 from defect_assist.label_studio.client import LabelStudioClient, project_id
 from defect_assist.label_studio.image_sources import ImageSources, LabelStudioOrigin
@@ -41,6 +42,7 @@ class DefectModel:
         store: ModelStore,
         client: LabelStudioClient | None = None,
         device: str = "auto",
+        inference_engine: str = "torch",
         webhook_handler: WebhookHandler | None = None,
         limits: ServingLimits | None = None,
         sources: ImageSources | None = None,
@@ -48,6 +50,7 @@ class DefectModel:
         self.store = store
         self.client = client or LabelStudioClient.from_settings()
         self.device = device
+        self.inference_engine = inference_engine
         self.limits = limits = limits or ServingLimits()
         self.sources = sources or ImageSources(
             self.client.url, self.client.local_files_root, max_bytes=limits.max_image_bytes
@@ -91,6 +94,7 @@ class DefectModel:
             if model is None:
                 started = time.perf_counter()
                 model = self.store.load(project, version, device=self.device)
+                self._attach_engine(model, project, version)
                 self.loads += 1
                 for old in [k for k in self._models if k[0] == project]:
                     del self._models[old]  # hot swap: drop the superseded version
@@ -99,6 +103,15 @@ class DefectModel:
                     "project %s: loaded model %s in %.2fs", project, version, time.perf_counter() - started
                 )
         return version, model
+
+    def _attach_engine(self, model: Any, project: str, version: str) -> None:
+        """Serve ``model`` through its ONNX/OpenVINO export when configured; torch if it has none."""
+        if self.inference_engine == "torch":
+            return
+        try:
+            use_export(model, self.store.project_dir(project) / version, self.inference_engine)
+        except (ExportError, RuntimeError, OSError) as error:  # a failed export must not stop serving
+            logger.warning("project %s %s: serving with torch: %s", project, version, error)
 
     def client_for(self, project: str) -> LabelStudioClient | None:
         """The Label Studio client for a project: ``LABEL_STUDIO_API_KEY``, else the token /setup sent."""

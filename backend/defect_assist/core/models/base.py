@@ -11,7 +11,6 @@ atomically.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import time
@@ -68,6 +67,7 @@ class AnomalyModel(ABC):
         self.metadata: ModelMetadata | None = None
         self.defect_head: DefectHead | None = None  # learned from corrected masks (core.refinement)
         self.cut_memory: CutMemory | None = None  # the same, as the cut of the nearest corrected defect
+        self.runtime: Any = None  # an ExportedRuntime predicting in place of torch (core.export)
         self.mean, self.std = backbones.normalisation(self.config.backbone)
 
     # ----------------------------------------------------------------- to implement per model
@@ -168,6 +168,10 @@ class AnomalyModel(ABC):
     def embed(self, tensor: torch.Tensor) -> Embedding:
         """Image embeddings for similarity search: the features pooled overall and over the defect."""
         raise NotImplementedError(f"{self.kind} does not provide embeddings")
+
+    def serving_graph(self) -> torch.nn.Module:
+        """The served forward as one traceable module, for export (:mod:`defect_assist.core.export`)."""
+        raise NotImplementedError(f"{self.kind} has no exportable serving graph yet")
 
     # ----------------------------------------------------------------- preprocessing
     @property
@@ -281,15 +285,8 @@ class AnomalyModel(ABC):
             self._batch_factory(sources, batch_size), len(sources), progress or (lambda *a: None)
         )
         assert self.metadata is not None
-        self.metadata.update = "incremental"
-        self.metadata.n_train_images += len(sources)
-        self.metadata.created = datetime.now(UTC).isoformat(timespec="seconds")
-        self.metadata.training_fingerprint = hashlib.sha256(
-            (self.metadata.training_fingerprint + fingerprint_sources(sources)).encode()
-        ).hexdigest()
-        self.metadata.extra["incremental_images"] = self.metadata.extra.get("incremental_images", 0) + len(
-            sources
-        )
+        self.metadata.record_incremental(sources, datetime.now(UTC).isoformat(timespec="seconds"))
+        self.runtime = None  # an export holds the bank before this update
         return details
 
     # ----------------------------------------------------------------- inference

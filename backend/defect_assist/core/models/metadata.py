@@ -35,6 +35,15 @@ class ModelMetadata:
     metrics: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def record_incremental(self, sources: Sequence[ImageSource], created: str) -> None:
+        """Note normal images added without a refit: counts, time, the chained training fingerprint."""
+        self.update = "incremental"
+        self.n_train_images += len(sources)
+        self.created = created
+        chained = self.training_fingerprint + fingerprint_sources(sources)
+        self.training_fingerprint = hashlib.sha256(chained.encode()).hexdigest()
+        self.extra["incremental_images"] = self.extra.get("incremental_images", 0) + len(sources)
+
 
 @dataclass
 class FitReport:

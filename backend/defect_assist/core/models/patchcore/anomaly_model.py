@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from defect_assist.core.models.base import AnomalyModel
 from defect_assist.core.models.patchcore.anomaly_map import AnomalyMapGenerator
 from defect_assist.core.models.patchcore.config import PatchcoreConfig
+from defect_assist.core.models.patchcore.export import PatchcoreServingGraph
 from defect_assist.core.models.patchcore.torch_model import FastPatchcoreModel
 from defect_assist.core.models.prediction import Embedding
 from defect_assist.core.progress import ProgressCallback
@@ -80,13 +81,29 @@ class PatchcoreAnomalyModel(AnomalyModel):
         self, tensor: torch.Tensor, valid: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scores, the σ-smoothed anomaly maps and the ``mask_sigma``-smoothed maps of one patch grid."""
+        if self.runtime is not None:
+            return self._run_export(tensor, valid)[:3]
         scores, maps, grid = self.model.score(tensor, valid)
         return scores, maps, self.mask_map_generator(grid[:, None], None, valid)[:, 0]
+
+    def _run_export(self, tensor: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """:meth:`_infer_with_patch_inputs` through the attached export (:mod:`defect_assist.core.export`)."""
+        mean = torch.tensor(self.mean, device=tensor.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=tensor.device).view(1, 3, 1, 1)
+        image = (tensor.float() * std + mean).cpu().numpy()
+        outputs = self.runtime.run(image, valid.float().cpu().numpy())
+        names = ("raw_score", "anomaly_map", "mask_map", "patch_inputs")
+        return tuple(torch.from_numpy(outputs[name]).to(tensor.device) for name in names)
+
+    def serving_graph(self) -> PatchcoreServingGraph:
+        return PatchcoreServingGraph(self)
 
     def _infer_with_patch_inputs(
         self, tensor: torch.Tensor, valid: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scores, maps, mask maps and the patch inputs: features, patch score, score / image peak."""
+        if self.runtime is not None:
+            return self._run_export(tensor, valid)  # type: ignore[return-value]
         embedding = self.model.patch_embedding(tensor)
         scores, maps, grid = self.model.score_embedding(embedding, tensor.shape[-2:], valid)
         mask_maps = self.mask_map_generator(grid[:, None], None, valid)[:, 0]
