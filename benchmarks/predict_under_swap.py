@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +25,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from _serving import cpu_model as _cpu
+from _serving import free_port as _free_port
+from _serving import peak_rss_mb as _peak_rss_mb
 
 from defect_assist.core.models.registry import create_model
 from defect_assist.core.settings import get_settings
@@ -34,29 +35,6 @@ from defect_assist.core.store import ModelStore
 from defect_assist.label_studio import LABELING_CONFIG
 
 CONFIG = LABELING_CONFIG.read_text()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> int:
