@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import torch
-from inference_overhead import cpu_name, per_image
+from _serving import cpu_model
+from inference_overhead import per_image
 
 from defect_assist.core.export import ExportedRuntime, check_parity, export_dir, export_model
 from defect_assist.core.models.registry import create_model
@@ -43,9 +44,7 @@ def main() -> None:
     manifest = export_model(model, export_dir(directory))
     flags = Path("/proc/cpuinfo").read_text()
     units = [f for f in ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni") if f in flags]
-    print(
-        f"{cpu_name()} ({', '.join(units) or 'no bf16/int8 matrix units'}), {torch.get_num_threads()} threads"
-    )
+    print(f"{cpu_model()} ({', '.join(units) or 'no bf16/int8 units'}), {torch.get_num_threads()} threads")
     print(
         f"bank {model.model.memory_bank.shape[0]} rows; export {manifest.export_seconds} s;",
         manifest.versions,

@@ -19,24 +19,17 @@ passes it took before) against ``predict_and_embed`` (one decode, one backbone f
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _serving import cpu_model
 
 from defect_assist.core.models.registry import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def per_image(fn: Callable[[], object], images: int, repeats: int) -> float:
@@ -96,7 +89,7 @@ def main() -> None:
     started = time.perf_counter()
     model.fit(train)
     bank = int(model.model.memory_bank.shape[0])
-    print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"fit on {len(train)} normals in {time.perf_counter() - started:.0f} s; bank {bank} rows")
 
     for batch in (1, 8):

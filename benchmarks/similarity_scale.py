@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _serving import cpu_model
 
 from defect_assist.similarity.embedding import combine
 from defect_assist.similarity.index import SimilarityIndex, point_id
@@ -250,16 +251,6 @@ def bench_edge(
 
 
 # ------------------------------------------------------------------------------------ report
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def table(rows: list[dict]) -> str:
     lines = [
         "| engine | upserts/s | top-10 median ms | p95 ms | queries | recall@10 | × 20 ms goal |",

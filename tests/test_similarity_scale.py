@@ -21,6 +21,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "similarity_scale.
 
 @pytest.fixture(scope="module")
 def bench():
+    sys.path.insert(0, str(SCRIPT.parent))  # the benchmarks import their shared helpers (_serving)
     spec = importlib.util.spec_from_file_location("similarity_scale", SCRIPT)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
